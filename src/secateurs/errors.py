@@ -1,0 +1,32 @@
+"""Exceptions with one clear message: what is wrong and how to fix it.
+
+All derive from :class:`SecateursError` so a CLI can print them without a traceback.
+"""
+
+
+class SecateursError(Exception):
+    """Base class of every error secateurs raises on bad input or state."""
+
+
+class ConfigError(SecateursError, ValueError):
+    """A bad argument or configuration value (sparsity out of range, unknown key, ...)."""
+
+
+class UnknownNameError(ConfigError):
+    """A method / model / dataset / option name that is not registered."""
+
+
+class SparsityMismatchError(SecateursError, RuntimeError):
+    """The masks after an update do not hold exactly the planned number of weights."""
+
+
+class DataError(SecateursError, OSError):
+    """Dataset files missing, truncated or malformed."""
+
+
+class CheckpointError(SecateursError, RuntimeError):
+    """A checkpoint that is corrupted, from another model, or from another config."""
+
+
+class NonFiniteLossError(SecateursError, FloatingPointError):
+    """Training produced a NaN or infinite loss."""
