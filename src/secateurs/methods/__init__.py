@@ -1,0 +1,9 @@
+"""Methods: short recipes that compose a score, an allocation and a schedule.
+
+``METHODS`` maps names to sparsifier factories for configs and the CLI.
+"""
+from .base import Sparsifier
+from .magnitude import Magnitude, Random
+from .registry import METHODS
+
+__all__ = ["Sparsifier", "Magnitude", "Random", "METHODS"]
