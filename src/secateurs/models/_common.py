@@ -1,0 +1,49 @@
+"""Shared pieces of the model zoo: the registry, argument checks and initialisers.
+
+Kept apart from ``__init__`` so family modules can register themselves without a
+circular import.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ..errors import ConfigError
+from ..registry import Registry
+
+MODELS: Registry = Registry("model")
+
+
+def require_positive(**values: int) -> None:
+    """Reject non-positive sizes early, with the offending argument named."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{name} must be a positive int, got {value!r}")
+
+
+def glorot_init(model: nn.Module) -> None:
+    """Glorot-normal weights, zero biases (Glorot & Bengio, 2010).
+
+    This is the initialisation Frankle & Carbin (2019) used for LeNet and Conv-2/4/6,
+    so lottery-ticket rewinding experiments start from the same distribution.
+    """
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_normal_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def kaiming_init(model: nn.Module, mode: str = "fan_out") -> None:
+    """Kaiming-normal convs, BN weight 1 / bias 0 (He et al., 2015).
+
+    Keeps activation variance stable through deep ReLU stacks; ``fan_out`` follows the
+    torchvision ResNet recipe, ``fan_in`` the original paper.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode=mode, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
