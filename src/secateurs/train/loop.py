@@ -1,0 +1,309 @@
+"""The training loop: epochs of steps, evaluation, checkpoints and exact resume.
+
+The per-step path does no host synchronisation: losses and accuracy stay on the device
+and are read back only every ``loss_check_every`` steps and at epoch end.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import CheckpointError, ConfigError, NonFiniteLossError
+from .checkpoint import (
+    FORMAT,
+    FORMAT_VERSION,
+    check_format,
+    check_model_compatible,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .config import TrainConfig
+from .optim import build_lr_schedule, build_optimizer
+
+
+@runtime_checkable
+class SparsifierLike(Protocol):
+    """What the loop needs from a sparsifier: ``step()`` right after every optimizer step."""
+
+    def step(self) -> None: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """One epoch of on-device ``(x, y)`` batches per iteration, with a resumable RNG."""
+
+    def __iter__(self): ...
+    def __len__(self) -> int: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Progress counters: epochs and optimizer steps completed."""
+
+    epoch: int = 0
+    step: int = 0
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` means CUDA when present; an explicit CUDA request on a CPU host is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"TrainConfig.device={name!r} but CUDA is not available; use device='auto' or 'cpu'")
+    return device
+
+
+def _missing_methods(obj: Any, names: Sequence[str]) -> list[str]:
+    return [n for n in names if not callable(getattr(obj, n, None))]
+
+
+class Trainer:
+    """Trains ``model`` on ``train_data`` per ``cfg``; see :meth:`fit` and :meth:`resume`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_data: BatchSource,
+        cfg: TrainConfig,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        sparsifier: SparsifierLike | None = None,
+        eval_data: Iterable | None = None,
+        checkpoint_path: str | Path | None = None,
+        callbacks: Sequence[Callable[[dict], None]] = (),
+        progress: bool = True,
+        progress_desc: str = "train",
+    ) -> None:
+        missing = _missing_methods(train_data, ("__iter__", "__len__", "state_dict", "load_state_dict"))
+        if missing:
+            raise ConfigError(f"train_data lacks {missing}; it must be a batch source (iterable, sized, with state_dict)")
+        if sparsifier is not None and _missing_methods(sparsifier, ("step", "state_dict", "load_state_dict")):
+            raise ConfigError("sparsifier must have step(), state_dict() and load_state_dict(); see SparsifierLike")
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.model = model.to(self.device)
+        self.train_data = train_data
+        self.eval_data = eval_data
+        self.sparsifier = sparsifier
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
+        self.callbacks = tuple(callbacks)
+        self.progress = progress
+        self.progress_desc = progress_desc
+        self.optimizer = optimizer if optimizer is not None else build_optimizer(self.model, cfg.optimizer)
+        self.steps_per_epoch = len(train_data)
+        if self.steps_per_epoch < 1:
+            raise ConfigError("train_data yields no batches per epoch; check the dataset and batch size")
+        self.lr_schedule = build_lr_schedule(self.optimizer, cfg.lr_schedule, self.steps_per_epoch, cfg.epochs)
+        self.state = TrainState()
+        self.history: list[dict] = []
+        self._amp = cfg.amp and self.device.type == "cuda"
+        self._autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16) if self._amp else contextlib.nullcontext
+        self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self._loss_buf = torch.zeros(cfg.loss_check_every, device=self.device)
+
+    # ----------------------------------------------------------------- training
+    def fit(self) -> list[dict]:
+        """Train until ``cfg.epochs`` are done; returns the records of every completed
+        epoch (including those restored by :meth:`resume`)."""
+        while self.state.epoch < self.cfg.epochs:
+            start = time.perf_counter()
+            record = self._train_epoch()
+            if self.eval_data is not None:
+                metrics = self.evaluate(self.eval_data)
+                record.update(test_loss=metrics["loss"], test_acc=metrics["acc"])
+            record["time_s"] = time.perf_counter() - start
+            self.history.append(record)
+            if self.checkpoint_path is not None:
+                save_checkpoint(self.checkpoint_path, self.state_dict())
+            for callback in self.callbacks:
+                callback(record)
+        return list(self.history)
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step; returns the detached loss and logits (no host sync)."""
+        with self._autocast():
+            logits = self.model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self._params, self.cfg.grad_clip)
+        self.optimizer.step()
+        if self.sparsifier is not None:
+            self.sparsifier.step()
+        self.lr_schedule.step()
+        return loss.detach(), logits.detach()
+
+    def _train_epoch(self) -> dict:
+        self.model.train()
+        epoch = self.state.epoch + 1
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        count = 0
+        pending = 0  # losses in the buffer not yet checked
+        bar = tqdm(
+            total=self.steps_per_epoch, desc=f"{self.progress_desc} {epoch}/{self.cfg.epochs}",
+            disable=not self.progress, leave=False, dynamic_ncols=True,
+        )
+        with bar:
+            for batch, (x, y) in enumerate(self.train_data, start=1):
+                x = x.to(self.device, non_blocking=True)
+                y = y.to(self.device, non_blocking=True)
+                loss, logits = self._step(x, y)
+                self.state.step += 1
+                self._loss_buf[pending] = loss
+                pending += 1
+                loss_sum += loss.float() * y.shape[0]
+                correct += (logits.argmax(dim=1) == y).sum()
+                count += y.shape[0]
+                bar.update(1)
+                if pending == len(self._loss_buf):
+                    self._check_losses(pending, epoch, batch, bar, loss_sum, correct, count)
+                    pending = 0
+            if pending:
+                self._check_losses(pending, epoch, batch, bar, loss_sum, correct, count)
+        if count == 0:
+            raise ConfigError("train_data yielded no batches this epoch; check the dataset and batch size")
+        self.state.epoch = epoch
+        return {
+            "epoch": epoch,
+            "step": self.state.step,
+            "train_loss": (loss_sum / count).item(),
+            "train_acc": correct.item() / count,
+            "test_loss": None,
+            "test_acc": None,
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+
+    def _check_losses(self, pending: int, epoch: int, batch: int, bar, loss_sum, correct, count: int) -> None:
+        """Check the last ``pending`` losses at once (one host sync) and refresh the bar."""
+        window = self._loss_buf[:pending]
+        finite = torch.isfinite(window)
+        ok, mean_loss, n_correct = torch.stack(
+            [finite.all().float(), loss_sum.float(), correct.float()]
+        ).tolist()
+        if ok:
+            if self.progress:
+                bar.set_postfix(loss=f"{mean_loss / count:.4f}", acc=f"{n_correct / count:.3f}", refresh=False)
+            return
+        first = int((~finite).nonzero()[0, 0])
+        offset = pending - 1 - first  # steps between the bad one and the current one
+        self._raise_non_finite(
+            step=self.state.step - offset, epoch=epoch, batch=batch - offset, value=float(window[first])
+        )
+
+    def _raise_non_finite(self, *, step: int, epoch: int, batch: int, value: float) -> None:
+        path = self.checkpoint_path
+        if path is None:
+            kept = "no checkpoint path was set, so nothing was saved"
+        elif path.is_file():
+            kept = f"the last good checkpoint at {str(path)!r} (epoch {self.state.epoch}) is kept and was not overwritten"
+        else:
+            kept = f"no checkpoint had been written yet at {str(path)!r}"
+        raise NonFiniteLossError(
+            f"loss became {value} at global step {step} (epoch {epoch}, batch {batch}/{self.steps_per_epoch}); "
+            f"{kept}. Lower the learning rate (OptimizerConfig.lr={self.cfg.optimizer.lr}) or enable "
+            f"TrainConfig.grad_clip (now {self.cfg.grad_clip}), then resume or restart."
+        )
+
+    # --------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, data: Iterable) -> dict:
+        """Mean loss and accuracy over ``data`` in eval mode; the model's mode is restored."""
+        was_training = self.model.training
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        count = 0
+        try:
+            for x, y in data:
+                x = x.to(self.device, non_blocking=True)
+                y = y.to(self.device, non_blocking=True)
+                with self._autocast():
+                    logits = self.model(x)
+                    loss_sum += F.cross_entropy(logits, y, reduction="sum").float()
+                correct += (logits.argmax(dim=1) == y).sum()
+                count += y.shape[0]
+        finally:
+            self.model.train(was_training)
+        if count == 0:
+            return {"loss": float("nan"), "acc": float("nan")}
+        return {"loss": (loss_sum / count).item(), "acc": correct.item() / count}
+
+    # ------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """Everything needed to continue bit-identically after the current epoch."""
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "sparsifier": self.sparsifier.state_dict() if self.sparsifier is not None else None,
+            "train_data": self.train_data.state_dict(),
+            "train_state": dataclasses.asdict(self.state),
+            "history": [dict(r) for r in self.history],
+            "rng": rng_state(),
+            "config": dataclasses.asdict(self.cfg),
+        }
+
+    def _check_loadable(self, state: dict, path: str | Path | None) -> None:
+        """Every check that can fail, done before anything is modified."""
+        check_format(state, path)
+        where = f"checkpoint {str(path)!r}" if path is not None else "the checkpoint"
+        missing = [k for k in ("model", "optimizer", "lr_schedule", "train_data", "train_state", "rng") if k not in state]
+        if missing:
+            raise CheckpointError(f"{where} lacks {missing}; it is incomplete, resume from another checkpoint")
+        check_model_compatible(self.model, state["model"], path)
+        saved_groups = state["optimizer"].get("param_groups", [])
+        ours = [len(g["params"]) for g in self.optimizer.param_groups]
+        theirs = [len(g["params"]) for g in saved_groups]
+        if ours != theirs:
+            raise CheckpointError(
+                f"{where} has optimizer param groups of sizes {theirs} but this trainer has {ours}; "
+                "build the optimizer the same way as the run that wrote it"
+            )
+        has_sparsifier = state.get("sparsifier") is not None
+        if has_sparsifier != (self.sparsifier is not None):
+            raise CheckpointError(
+                f"{where} was written {'with' if has_sparsifier else 'without'} a sparsifier but this trainer has "
+                f"{'one' if self.sparsifier is not None else 'none'}; pass the same kind of sparsifier as the run that wrote it"
+            )
+
+    def load_state_dict(self, state: dict, path: str | Path | None = None) -> None:
+        """Restore a :meth:`state_dict`; incompatible states raise before anything changes."""
+        self._check_loadable(state, path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        if self.sparsifier is not None:
+            self.sparsifier.load_state_dict(state["sparsifier"])
+        self.train_data.load_state_dict(state["train_data"])
+        self.state = TrainState(**state["train_state"])
+        self.history = [dict(r) for r in state.get("history", [])]
+        set_rng_state(state["rng"])
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Load ``path`` (default: ``checkpoint_path``) if it exists; returns whether it did."""
+        path = Path(path) if path is not None else self.checkpoint_path
+        if path is None or not path.exists():
+            return False
+        self.load_state_dict(load_checkpoint(path), path)
+        return True
