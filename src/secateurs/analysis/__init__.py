@@ -1,0 +1,1 @@
+"""Analysis of sparse networks: reports and plots (matplotlib is imported only when plotting)."""

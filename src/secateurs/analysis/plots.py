@@ -1,0 +1,58 @@
+"""PNG plots: accuracy vs. sparsity, and per-layer sparsity of each level."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers / CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy_vs_sparsity(rows: Sequence[dict], path: str | Path, title: str = "") -> Path:
+    """Test accuracy after pruning and after fine-tuning vs. weights remaining (log x axis,
+    as in Frankle & Carbin 2019, so the high-sparsity end is readable)."""
+    plt = _pyplot()
+    remaining = [100 * (1 - r["sparsity"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.plot(remaining, [100 * r["test_acc"] for r in rows], "o-", label="pruned + fine-tuned")
+    ax.plot(remaining, [100 * r["acc_before_finetune"] for r in rows], "s--", alpha=0.7, label="pruned, before fine-tune")
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xticks(remaining)
+    ax.set_xticklabels([f"{v:.3g}" for v in remaining])
+    ax.set_xlabel("weights remaining (%)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title or "accuracy vs. sparsity")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_layer_sparsity(rows: Sequence[dict], path: str | Path, title: str = "") -> Path:
+    """Sparsity of each layer at each level: shows where a global threshold prunes."""
+    plt = _pyplot()
+    sparse_rows = [r for r in rows if r.get("layers")]
+    layers = list(sparse_rows[0]["layers"]) if sparse_rows else []
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(layers) + 2), 4), dpi=120)
+    width = 0.8 / max(1, len(sparse_rows))
+    for i, r in enumerate(sparse_rows):
+        xs = [j + i * width for j in range(len(layers))]
+        ax.bar(xs, [100 * r["layers"][n] for n in layers], width, label=f"{100 * r['target_sparsity']:g}%")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))])
+    ax.set_xticklabels(layers, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("layer sparsity (%)")
+    ax.set_title(title or "per-layer sparsity")
+    ax.legend(title="target", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

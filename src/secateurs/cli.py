@@ -1,0 +1,151 @@
+"""``secateurs`` command line: train, report, list.
+
+Errors that come from bad input (SecateursError) print one line and exit with status 2;
+anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+from .errors import ConfigError, SecateursError
+
+
+def _parse_set(items: Sequence[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE (e.g. train.epochs=3), got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _flag_overrides(args: argparse.Namespace) -> dict:
+    mapping = {
+        "name": "name", "seed": "seed", "device": "device", "model": "model.name",
+        "dataset": "data.dataset", "data_root": "data.root", "method": "prune.method",
+        "scope": "prune.scope", "epochs": "train.epochs", "finetune_epochs": "finetune.epochs",
+        "batch_size": "data.batch_size",
+    }
+    out = {key: getattr(args, attr) for attr, key in mapping.items() if getattr(args, attr) is not None}
+    if args.sparsity:
+        out["prune.sparsities"] = list(args.sparsity)
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .experiments import RunDir, load_config
+    from .experiments.prune_finetune import run_prune_finetune
+
+    overrides = {**_flag_overrides(args), **_parse_set(args.set)}
+    if args.resume:
+        run = RunDir(args.resume)
+        saved = run.config_path
+        if not saved.is_file():
+            raise ConfigError(f"--resume {args.resume}: no config.yaml there; is it a run directory?")
+        config = load_config(args.config or saved, overrides)
+        run.bind(config)  # refuses a changed config, naming the changed keys
+    else:
+        config = load_config(args.config, overrides)
+        run = RunDir.for_config(config, args.runs_dir)
+    print(f"run directory: {run.path}")
+    results = run_prune_finetune(config, run, progress=not args.no_progress)
+    _report(run, print_table=True)
+    return 0
+
+
+def _report(run, print_table: bool) -> None:
+    from .analysis.plots import plot_accuracy_vs_sparsity, plot_layer_sparsity
+    from .analysis.report import format_table, to_csv
+    from .experiments.runs import atomic_write_text
+
+    results = run.results()
+    rows = results.get("levels", [])
+    if not rows:
+        raise ConfigError(f"{run.path} has no results yet; run `secateurs train` first")
+    title = f"{results.get('model', '')} on {results.get('dataset', '')}"
+    atomic_write_text(run.path / "results.csv", to_csv(rows))
+    plot_accuracy_vs_sparsity(rows, run.path / "accuracy_vs_sparsity.png", title)
+    if any(r.get("layers") for r in rows):
+        plot_layer_sparsity(rows, run.path / "layer_sparsity.png", title)
+    if print_table:
+        state = "complete" if results.get("complete") else "INCOMPLETE (re-run the same command to resume)"
+        print(f"\n{title} — {state}\n{format_table(rows)}\n")
+        print(f"wrote {run.path}/results.json, results.csv, accuracy_vs_sparsity.png, layer_sparsity.png")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .experiments import RunDir
+
+    run = RunDir(args.run_dir)
+    if not run.path.is_dir():
+        raise ConfigError(f"{args.run_dir} is not a directory; pass a run directory under runs/")
+    _report(run, print_table=True)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .allocation import SCOPES
+    from .data import DATASETS
+    from .methods import METHODS
+    from .models import MODELS
+    from .schedules import SCHEDULES
+
+    for title, registry in (("methods", METHODS), ("models", MODELS), ("datasets", DATASETS)):
+        print(f"{title}:")
+        for entry in registry:
+            print(f"  {entry.name:<16} {entry.description}")
+    print(f"scopes:\n  {', '.join(SCOPES)}")
+    print(f"schedules:\n  {', '.join(SCHEDULES)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="secateurs", description="Prune, regrow and grow neural networks.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train, prune and fine-tune (resumes an interrupted run)")
+    train.add_argument("--config", type=Path, help="experiment YAML (see configs/)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.epochs=3")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue this run directory (its config must not change)")
+    train.add_argument("--runs-dir", default="runs", help="where run directories are created (default: runs)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    for flag, kind, text in [
+        ("--name", str, "run name"), ("--seed", int, "random seed"), ("--device", str, "auto, cpu or cuda"),
+        ("--model", str, "model name (secateurs list)"), ("--dataset", str, "dataset name"),
+        ("--data-root", str, "dataset directory / file"), ("--method", str, "pruning method"),
+        ("--scope", str, "global, uniform, erk or er"), ("--epochs", int, "dense training epochs"),
+        ("--finetune-epochs", int, "fine-tune epochs per level"), ("--batch-size", int, "training batch size"),
+    ]:
+        train.add_argument(flag, type=kind, help=text)
+    train.add_argument("--sparsity", type=float, action="append", help="target sparsity (repeat for several levels)")
+    train.set_defaults(func=cmd_train)
+
+    report = sub.add_parser("report", help="redraw the plots and tables of a run directory")
+    report.add_argument("run_dir")
+    report.set_defaults(func=cmd_report)
+
+    lst = sub.add_parser("list", help="registered methods, models, datasets")
+    lst.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SecateursError as e:
+        print(f"secateurs: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nsecateurs: interrupted; re-run the same command to resume from the last epoch", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

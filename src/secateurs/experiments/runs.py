@@ -1,0 +1,113 @@
+"""Run directories: one per config, named ``<name>-<hash of the non-default config>``.
+
+Re-running the same config finds the same directory and resumes or reuses it; a different
+config gets a different directory, so nothing is ever overwritten. Every file is written
+atomically (temp file + rename) or appended line by line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import CheckpointError, ConfigError
+from .config import ExperimentConfig, _diff
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunDir:
+    """The files of one run: ``config.yaml``, ``metrics.jsonl``, ``results.json``,
+    ``checkpoints/``, plots."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @classmethod
+    def for_config(cls, config: ExperimentConfig, runs_root: str | Path = "runs") -> "RunDir":
+        return cls(Path(runs_root) / config.run_name())
+
+    config_path = property(lambda self: self.path / "config.yaml")
+    metrics_path = property(lambda self: self.path / "metrics.jsonl")
+    results_path = property(lambda self: self.path / "results.json")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+
+    def checkpoint(self, phase: str) -> Path:
+        return self.checkpoints / f"{phase}.pt"
+
+    def saved_config(self) -> dict | None:
+        if not self.config_path.is_file():
+            return None
+        return yaml.safe_load(self.config_path.read_text())
+
+    def bind(self, config: ExperimentConfig) -> None:
+        """Claim the directory for ``config``; refuse if it holds a run of another config."""
+        saved = self.saved_config()
+        mine = config.to_dict()
+        if saved is not None and saved != mine:
+            changed = sorted(_flat_keys(_diff(mine, saved)) | _flat_keys(_diff(saved, mine)))
+            raise ConfigError(
+                f"{self.path} holds a run of a different config (changed: {', '.join(changed[:8])}); "
+                "resume it with its own config (secateurs train --resume DIR without --config), "
+                "or run the new config into its own directory"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+        if saved is None:
+            atomic_write_text(self.config_path, yaml.safe_dump(mine, sort_keys=False))
+
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    def metrics(self) -> list[dict]:
+        """Logged records; a record repeated after a resume replaces the earlier one."""
+        if not self.metrics_path.is_file():
+            return []
+        records: dict[tuple, dict] = {}
+        for line in self.metrics_path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash mid-write
+            records[(rec.get("phase"), rec.get("epoch"))] = rec
+        return list(records.values())
+
+    def results(self) -> dict:
+        if not self.results_path.is_file():
+            return {"complete": False, "levels": []}
+        try:
+            return json.loads(self.results_path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{self.results_path} is corrupted ({e}); delete it to recompute") from None
+
+    def write_results(self, results: dict) -> None:
+        atomic_write_text(self.results_path, json.dumps(results, indent=2))
+
+
+def _flat_keys(d: dict, prefix: str = "") -> set[str]:
+    out: set[str] = set()
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out |= _flat_keys(v, f"{prefix}{k}.")
+        else:
+            out.add(prefix + k)
+    return out
