@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 import torch
 
 from .errors import ConfigError, UnknownNameError
-from .selection import fill_ties, kth_largest
+from .selection import count, kth_largest, select_at_threshold
 
 SCOPES = ("global", "uniform", "erk", "er")
 
@@ -96,7 +96,7 @@ def global_keep(
     flat = torch.cat(
         [scores[n].reshape(-1).float().masked_fill(~active[n].reshape(-1), -math.inf) for n in names]
     )
-    n_active = int(sum(int(active[n].sum()) for n in names))
+    n_active = sum(count(active[n]) for n in names)
     if keep > n_active:
         raise ConfigError(
             f"the plan keeps {keep} weights but only {n_active} are active; pruning never "
@@ -105,10 +105,9 @@ def global_keep(
     if keep == 0:
         return {n: 0 for n in names}
     threshold = kth_largest(flat, keep).to(flat.device)
-    chosen = fill_ties(flat > threshold, flat == threshold, keep)
+    chosen = select_at_threshold(flat, threshold, keep)
     sizes = [scores[n].numel() for n in names]
-    counts = torch.stack([part.sum() for part in torch.split(chosen, sizes)]).tolist()
-    return dict(zip(names, (int(c) for c in counts)))
+    return {n: count(part) for n, part in zip(names, torch.split(chosen, sizes))}
 
 
 def allocate(

@@ -11,7 +11,7 @@ from typing import Mapping
 import torch
 
 from .errors import ConfigError
-from .selection import topk_mask
+from .selection import count, topk_mask
 
 
 def prune(
@@ -23,7 +23,7 @@ def prune(
     out: dict[str, torch.Tensor] = {}
     for name, mask in masks.items():
         k = keep[name]
-        n_active = int(mask.sum())
+        n_active = count(mask)
         if k > n_active:
             raise ConfigError(
                 f"{name} has {n_active} active weights but the plan keeps {k}; pruning never "

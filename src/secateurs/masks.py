@@ -138,7 +138,7 @@ class Masks:
 
     def active(self) -> dict[str, int]:
         """Active (kept) weights per layer, computed with one host sync."""
-        counts = torch.stack([m.sum() for m in self.masks.values()]).tolist()
+        counts = torch.stack([torch.count_nonzero(m) for m in self.masks.values()]).tolist()
         return dict(zip(self.masks, (int(c) for c in counts)))
 
     def layer_sparsity(self) -> dict[str, float]:
@@ -215,12 +215,26 @@ class Masks:
         if tensors:
             torch._foreach_mul_(tensors, mults)
 
+    @torch.no_grad()
     def enforce_(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Everything to do after ``optimizer.step()``: weights, gradients, optimizer state."""
-        self.apply_()
-        self.mask_grads_()
-        if optimizer is not None:
-            self.mask_optimizer_state_(optimizer)
+        """Everything to do after ``optimizer.step()``, in one foreach multiply: pruned
+        weights, their gradients and their per-element optimizer state back to zero."""
+        if not self._in_sync():
+            self._rebuild()
+        tensors = list(self._weights)
+        mults = list(self._multipliers)
+        state = optimizer.state if optimizer is not None else {}
+        for p, m in zip(self._weights, self._multipliers):
+            if p.grad is not None:
+                tensors.append(p.grad)
+                mults.append(m)
+            s = state.get(p)
+            if s:
+                for value in s.values():
+                    if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                        tensors.append(value)
+                        mults.append(m if value.dtype == m.dtype else m.to(value.dtype))
+        torch._foreach_mul_(tensors, mults)
 
     # -- changes ---------------------------------------------------------------------------
     def update_(self, new_masks: Mapping[str, torch.Tensor], expected_active: Mapping[str, int]) -> None:
@@ -240,7 +254,7 @@ class Masks:
                     f"mask for {name} must be a bool tensor of shape {tuple(self.masks[name].shape)}, "
                     f"got {m.dtype} {tuple(m.shape)}"
                 )
-        counts = torch.stack([new_masks[n].sum() for n in self.masks]).tolist()
+        counts = torch.stack([torch.count_nonzero(new_masks[n]) for n in self.masks]).tolist()
         wrong = [
             f"{n}: {int(c)} active, planned {expected_active[n]}"
             for n, c in zip(self.masks, counts)

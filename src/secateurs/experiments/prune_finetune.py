@@ -16,7 +16,8 @@ import torch
 
 from ..data import BatchTransform, ImageDataset, InMemoryLoader, load_dataset
 from ..methods import METHODS, Sparsifier
-from ..models import create_model
+from ..errors import NonFiniteLossError
+from ..models import MODELS, create_model
 from ..train import Trainer, TrainConfig, build_optimizer, load_checkpoint, save_checkpoint
 from ..train.loop import resolve_device
 from .config import ExperimentConfig, PhaseConfig
@@ -83,12 +84,26 @@ def run_prune_finetune(
     dataset: ImageDataset | None = None,
 ) -> dict:
     """Run (or resume, or reuse) the experiment in ``run``; returns the results dict."""
-    run.bind(config)
-    results = run.results()
-    if results.get("complete"):
+    # Bad names and missing data fail before the run directory is created.
+    METHODS.get(config.prune.method)
+    MODELS.get(config.model.name)
+    if run.results_path.is_file() and run.results().get("complete"):
+        run.bind(config)
         echo(f"reusing finished run {run.path}")
-        return results
+        return run.results()
     dataset = dataset if dataset is not None else load_dataset(config.data.dataset, config.data.root)
+    run.bind(config)
+    try:
+        return _run(config, run, dataset, progress, echo)
+    except NonFiniteLossError as e:
+        done = sorted(p.name for p in run.checkpoints.glob("*.pt")) if run.checkpoints.is_dir() else []
+        raise NonFiniteLossError(
+            f"{e} Finished phases are kept in {run.checkpoints} ({', '.join(done) or 'none yet'})."
+        ) from None
+
+
+def _run(config: ExperimentConfig, run: RunDir, dataset: ImageDataset, progress: bool, echo) -> dict:
+    results = run.results()
     data = _Data(config, dataset)
     model = build_model(config, dataset)
     results.update(config_hash=config.short_hash(), model=config.model.name, dataset=dataset.name)

