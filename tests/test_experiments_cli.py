@@ -219,3 +219,25 @@ def test_real_mnist_lenet300_keeps_accuracy_at_90_percent(tmp_path):
     assert rows["dense"]["test_acc"] >= 0.975
     assert rows["sparsity-0.9"]["sparsity"] == pytest.approx(0.9, abs=1e-9)
     assert rows["sparsity-0.9"]["test_acc"] >= 0.97
+
+
+def test_a_run_directory_is_used_by_one_process_at_a_time(tmp_path):
+    import subprocess
+    import sys
+
+    config = load_config(write_config(tmp_path))
+    run = RunDir.for_config(config, tmp_path / "runs")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from secateurs.experiments import RunDir\n"
+         "with RunDir(sys.argv[1]).lock():\n    print('locked', flush=True); time.sleep(30)", str(run.path)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=f"in use by another secateurs process \\(pid {holder.pid}\\)"):
+            run_prune_finetune(config, run, progress=False, echo=lambda s: None)
+    finally:
+        holder.kill()
+        holder.wait()
+    # the kernel drops the lock of a killed process: the run proceeds
+    assert run_prune_finetune(config, run, progress=False, echo=lambda s: None)["complete"]

@@ -94,7 +94,8 @@ def run_prune_finetune(
     dataset = dataset if dataset is not None else load_dataset(config.data.dataset, config.data.root)
     run.bind(config)
     try:
-        return _run(config, run, dataset, progress, echo)
+        with run.lock():
+            return _run(config, run, dataset, progress, echo)
     except NonFiniteLossError as e:
         done = sorted(p.name for p in run.checkpoints.glob("*.pt")) if run.checkpoints.is_dir() else []
         raise NonFiniteLossError(

@@ -6,6 +6,8 @@ atomically (temp file + rename) or appended line by line.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
@@ -70,6 +72,31 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         if saved is None:
             atomic_write_text(self.config_path, yaml.safe_dump(mine, sort_keys=False))
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the directory exclusively: two processes resuming one run would race on its
+        checkpoints. ``flock`` is released by the kernel if the holder dies, so a killed run
+        never leaves a stale lock."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / ".lock", "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                raise ConfigError(
+                    f"{self.path} is in use by another secateurs process (pid {holder}); "
+                    "wait for it to finish or stop it, then re-run to resume"
+                ) from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+            try:
+                yield self
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def log(self, record: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as f:
