@@ -20,6 +20,17 @@ def require_positive(**values: int) -> None:
             raise ConfigError(f"{name} must be a positive int, got {value!r}")
 
 
+def require_divisible(image_size: int, pools: int, model: str, hint: str) -> int:
+    """Image side after ``pools`` 2x max-pools; an error if a pool would drop pixels."""
+    factor = 2**pools
+    if image_size % factor:
+        raise ConfigError(
+            f"{model} halves the image {pools} times, so image_size must be divisible by "
+            f"{factor}, got {image_size}; {hint}"
+        )
+    return image_size // factor
+
+
 def glorot_init(model: nn.Module) -> None:
     """Glorot-normal weights, zero biases (Glorot & Bengio, 2010).
 

@@ -10,8 +10,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from ..errors import ConfigError
-from ._common import MODELS, glorot_init
+from ._common import MODELS, glorot_init, require_divisible
 
 _WIDTHS: dict[int, tuple[int, ...]] = {2: (64,), 4: (64, 128), 6: (64, 128, 256)}
 
@@ -28,12 +27,7 @@ class ConvNet(nn.Module):
         fc: Sequence[int] = (256, 256),
     ):
         super().__init__()
-        factor = 2 ** len(widths)
-        if image_size % factor:
-            raise ConfigError(
-                f"Conv-{2 * len(widths)} halves the image {len(widths)} times, so image_size "
-                f"must be divisible by {factor}, got {image_size}; resize to e.g. 32"
-            )
+        side = require_divisible(image_size, len(widths), f"Conv-{2 * len(widths)}", "resize to e.g. 32")
         layers: list[nn.Module] = []
         channels = in_channels
         for width in widths:
@@ -42,7 +36,6 @@ class ConvNet(nn.Module):
                 channels = width
             layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
-        side = image_size // factor
         head: list[nn.Module] = [nn.Flatten()]
         fan_in = channels * side * side
         for width in fc:

@@ -11,8 +11,7 @@ from typing import Sequence, Union
 import torch
 import torch.nn as nn
 
-from ..errors import ConfigError
-from ._common import MODELS, kaiming_init
+from ._common import MODELS, kaiming_init, require_divisible
 
 _M = "M"  # max-pool marker
 CONFIGS: dict[str, list[Union[int, str]]] = {
@@ -35,12 +34,7 @@ class VGG(nn.Module):
     ):
         super().__init__()
         pools = sum(1 for v in config if v == _M)
-        factor = 2**pools
-        if image_size % factor:
-            raise ConfigError(
-                f"VGG halves the image {pools} times, so image_size must be divisible by "
-                f"{factor}, got {image_size}; resize to 32 (CIFAR)"
-            )
+        side = require_divisible(image_size, pools, "VGG", "resize to 32 (CIFAR)")
         layers: list[nn.Module] = []
         channels = in_channels
         for v in config:
@@ -55,7 +49,7 @@ class VGG(nn.Module):
                 ]
                 channels = width
         self.features = nn.Sequential(*layers)
-        side = image_size // factor  # 1 for 32x32 inputs -> Linear(512, classes)
+        # side is 1 for 32x32 inputs -> Linear(512, classes)
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(channels * side * side, num_classes)
         )
