@@ -23,6 +23,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_masks.py
+	$(PY) benchmarks/bench_loader.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
