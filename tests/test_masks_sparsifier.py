@@ -167,3 +167,46 @@ def test_library_does_not_import_the_experiment_layer():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_trainer_clips_the_gradient_norm_of_the_sparse_network():
+    """With grad_clip, pruned weights' gradients must not inflate the clipped norm."""
+    from secateurs.train import Trainer, TrainConfig
+
+    class Batches:
+        def __init__(self):
+            g = torch.Generator().manual_seed(0)
+            self.x, self.y = torch.randn(32, 64, generator=g), torch.randint(0, 4, (32,), generator=g)
+
+        def __iter__(self):
+            yield self.x, self.y
+
+        def __len__(self):
+            return 1
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    model = mlp()
+    sp = secateurs.Magnitude(model, sparsity=0.9)
+    sp.prune()
+    seen = []
+    original = nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *args, **kwargs):
+        params = list(params)
+        seen.append(all((p.grad[~sp.masks[n]] == 0).all() for n, p in sp.masks.params.items()))
+        return original(params, max_norm, *args, **kwargs)
+
+    nn.utils.clip_grad_norm_ = spy
+    try:
+        cfg = TrainConfig(epochs=1, optimizer={"name": "sgd", "lr": 0.1}, grad_clip=1.0)
+        trainer = Trainer(model, Batches(), cfg, sparsifier=sp, progress=False)
+        sp.optimizer = trainer.optimizer
+        trainer.fit()
+    finally:
+        nn.utils.clip_grad_norm_ = original
+    assert seen == [True]

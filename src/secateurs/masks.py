@@ -197,25 +197,6 @@ class Masks:
             torch._foreach_mul_(list(grads), list(mults))
 
     @torch.no_grad()
-    def mask_optimizer_state_(self, optimizer: torch.optim.Optimizer) -> None:
-        """Zero optimizer state of pruned weights: every per-element state tensor shaped like
-        the weight (SGD ``momentum_buffer``, Adam ``exp_avg`` / ``exp_avg_sq``, ...)."""
-        if not self._in_sync():
-            self._rebuild()
-        tensors, mults = [], []
-        state = optimizer.state
-        for p, m in zip(self._weights, self._multipliers):
-            s = state.get(p)
-            if not s:
-                continue
-            for value in s.values():
-                if isinstance(value, torch.Tensor) and value.shape == p.shape:
-                    tensors.append(value)
-                    mults.append(m if value.dtype == m.dtype else m.to(value.dtype))
-        if tensors:
-            torch._foreach_mul_(tensors, mults)
-
-    @torch.no_grad()
     def enforce_(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Everything to do after ``optimizer.step()``, in one foreach multiply: pruned
         weights, their gradients and their per-element optimizer state back to zero."""

@@ -122,6 +122,11 @@ class Sparsifier:
         else:
             self.masks.enforce_(self.optimizer)
 
+    def mask_grads_(self) -> None:
+        """Zero pruned weights' gradients now (before clipping, so the norm is the sparse
+        network's)."""
+        self.masks.mask_grads_()
+
     # -- reporting -------------------------------------------------------------------------
     @property
     def sparsity(self) -> float:

@@ -144,6 +144,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.grad_clip is not None:
+            if hasattr(self.sparsifier, "mask_grads_"):
+                self.sparsifier.mask_grads_()  # clip the sparse network's gradient norm
             nn.utils.clip_grad_norm_(self._params, self.cfg.grad_clip)
         self.optimizer.step()
         if self.sparsifier is not None:
