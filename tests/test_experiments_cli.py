@@ -1,5 +1,4 @@
 """End-to-end: configs, run directories, resume after interruption, reports, the CLI."""
-import json
 
 import pytest
 import torch

@@ -54,7 +54,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = load_config(args.config, overrides)
         run = RunDir.for_config(config, args.runs_dir)
     print(f"run directory: {run.path}")
-    results = run_prune_finetune(config, run, progress=not args.no_progress)
+    run_prune_finetune(config, run, progress=not args.no_progress)
     _report(run, print_table=True)
     return 0
 

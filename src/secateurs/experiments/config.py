@@ -8,8 +8,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,6 +17,7 @@ import yaml
 from ..allocation import SCOPES, check_sparsity
 from ..errors import ConfigError
 from ..train.config import LRScheduleConfig, OptimizerConfig
+from ..typed_config import from_dict
 
 
 @dataclass(frozen=True)
@@ -125,71 +124,6 @@ def _diff(a: dict, b: dict) -> dict:
         elif b.get(k, object()) != v:
             out[k] = v
     return out
-
-
-def from_dict(cls: type, data: Mapping[str, Any] | None, where: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, recursively, rejecting unknown keys."""
-    data = {} if data is None else data
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
-            f"known keys{' under ' + where.rstrip('.') if where else ''}: {', '.join(fields)}"
-        )
-    hints = typing.get_type_hints(cls)
-    kwargs = {k: _coerce(hints[k], v, f"{where}{k}") for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where + ".")
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for opt in options:
-            if opt is type(None):
-                continue
-            try:
-                return _coerce(opt, value, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
-        args = typing.get_args(tp)
-        item = args[0] if args else Any
-        if len(args) == 2 and args[1] is Ellipsis or len(args) == 1:
-            return tuple(_coerce(item, v, where) for v in value)
-        if len(args) != len(value):
-            raise ConfigError(f"{where} must have {len(args)} entries, got {value!r}")
-        return tuple(_coerce(a, v, where) for a, v in zip(args, value))
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where} must be a mapping, got {value!r}")
-        kt, vt = typing.get_args(tp)
-        return {_coerce(kt, k, where): _coerce(vt, v, where) for k, v in value.items()}
-    if tp is Any:
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        try:
-            return float(value)  # YAML reads 1e-4 as a string
-        except ValueError:
-            pass
-    if tp is bool and not isinstance(value, bool) or tp is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{where} must be {tp.__name__}, got {value!r}")
-    if isinstance(tp, type) and not isinstance(value, tp):
-        raise ConfigError(f"{where} must be {tp.__name__}, got {value!r}")
-    return value
 
 
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ._common import MODELS, kaiming_init
+from .blocks import BasicBlock, projection
 
 
 class PadShortcut(nn.Module):
@@ -27,30 +28,11 @@ class PadShortcut(nn.Module):
         return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
 
 
-class BasicBlock(nn.Module):
-    """conv3x3-BN-ReLU-conv3x3-BN, plus shortcut, then ReLU."""
-
-    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "A"):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_planes != planes:
-            if shortcut == "A":
-                self.shortcut = PadShortcut(stride, planes - in_planes)
-            else:
-                self.shortcut = nn.Sequential(
-                    nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
-                    nn.BatchNorm2d(planes),
-                )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + self.shortcut(x))
+def cifar_shortcut(in_planes: int, planes: int, stride: int, kind: str) -> nn.Module:
+    """Option A (zero-pad, no weights) or B (1x1 projection) where the shape changes."""
+    if kind == "A" and (stride != 1 or in_planes != planes):
+        return PadShortcut(stride, planes - in_planes)
+    return projection(in_planes, planes, stride)
 
 
 class CifarResNet(nn.Module):
@@ -86,7 +68,7 @@ class CifarResNet(nn.Module):
             blocks: list[nn.Module] = []
             for j in range(n):
                 stride = 2 if i > 0 and j == 0 else 1
-                blocks.append(BasicBlock(in_planes, planes, stride, shortcut))
+                blocks.append(BasicBlock(in_planes, planes, stride, cifar_shortcut(in_planes, planes, stride, shortcut)))
                 in_planes = planes
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages

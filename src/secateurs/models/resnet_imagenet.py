@@ -6,43 +6,14 @@ lets the same weights run on any input of at least 32x32.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Type, Union
+from typing import Sequence, Type, Union
 
 import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
 from ._common import MODELS, kaiming_init
-
-
-def _downsample(in_planes: int, out_planes: int, stride: int) -> Optional[nn.Module]:
-    """1x1 conv + BN projection (option B) where the shortcut changes shape."""
-    if stride == 1 and in_planes == out_planes:
-        return None
-    return nn.Sequential(
-        nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False),
-        nn.BatchNorm2d(out_planes),
-    )
-
-
-class BasicBlock(nn.Module):
-    """Two 3x3 convs; used by ResNet-18/34."""
-
-    expansion = 1
-
-    def __init__(self, in_planes: int, planes: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = _downsample(in_planes, planes, stride) or nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + self.downsample(x))
+from .blocks import BasicBlock, projection
 
 
 class Bottleneck(nn.Module):
@@ -60,7 +31,7 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(planes, out_planes, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_planes)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = _downsample(in_planes, out_planes, stride) or nn.Identity()
+        self.downsample = projection(in_planes, out_planes, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))

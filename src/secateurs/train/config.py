@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..errors import ConfigError, UnknownNameError
+from ..typed_config import from_dict
 from .optim import LR_SCHEDULES, OPTIMIZERS
 
 
@@ -39,10 +40,7 @@ def _coerce(cls, value: Any, owner: str):
     if isinstance(value, cls):
         return value
     if isinstance(value, Mapping):
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - known)
-        _require(not unknown, f"{owner}: unknown key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**value)
+        return from_dict(cls, value, f"{owner}.")
     raise ConfigError(f"{owner} must be a {cls.__name__} or a mapping, got {type(value).__name__}")
 
 
