@@ -2,8 +2,8 @@
 
 Exactness matters: "90% sparse" must mean exactly ``n - round(0.9 n)`` weights kept, ties
 included. Ties are broken towards the lowest flat index, so results are deterministic.
-On CPU the k-th value comes from numpy's introselect (O(n), ~5x faster than ``torch.topk``
-or ``torch.kthvalue`` here); on accelerators ``torch.topk`` runs a radix select on device.
+On CPU the k-th value comes from numpy's introselect (O(n); faster than ``torch.topk`` and
+``torch.kthvalue`` on CPU, see ``benchmarks/bench_masks.py``); on accelerators ``torch.topk`` runs a radix select on device.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def count(mask: torch.Tensor) -> int:
-    """True elements of a bool tensor (``count_nonzero`` is ~20x faster than ``sum`` here)."""
+    """True elements of a bool tensor (``count_nonzero`` avoids the int64 reduction ``sum`` does)."""
     return int(torch.count_nonzero(mask))
 
 
