@@ -250,6 +250,50 @@ class Masks:
             self.masks[name] = new_masks[name].to(self.params[name].device)
         self._rebuild()
 
+    # -- distributed -------------------------------------------------------------------------
+    def checksum(self) -> torch.Tensor:
+        """Per-layer (count, sum of active flat indices, sum of their squares mod a prime):
+        two masks with equal checksums differ with negligible probability."""
+        rows = []
+        for m in self.masks.values():
+            idx = torch.nonzero(m.reshape(-1)).reshape(-1).to(torch.int64)
+            rows.append(torch.stack([idx.new_tensor(idx.numel()), idx.sum(), (idx * idx % 1_000_003).sum()]))
+        return torch.stack(rows)
+
+    @torch.no_grad()
+    def sync_(self, group=None) -> None:
+        """Under ``torch.distributed`` with several ranks: check that every rank reached the
+        same masks (decisions must come from identical inputs: all-reduced gradients, one
+        seed), then broadcast rank 0's so they stay bit-identical. A no-op otherwise.
+
+        A disagreement raises on every rank, naming the ranks and layers that differ.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) <= 1:
+            return
+        local = self.checksum()
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, local, group=group)
+        ranks = [r for r, c in enumerate(gathered) if not torch.equal(c, gathered[0])]
+        if ranks:
+            names = list(self.masks)
+            layers = sorted({names[i] for r in ranks for i in torch.nonzero((gathered[r] != gathered[0]).any(1)).reshape(-1).tolist()})
+            raise SparsityMismatchError(
+                f"masks differ across ranks after a mask update: rank(s) {ranks} disagree with rank 0 "
+                f"on {', '.join(layers[:4])}; mask decisions must use identical inputs on every rank "
+                "(DDP-averaged gradients, the same seed, the same batches for data-dependent scores)"
+            )
+        src = dist.get_global_rank(group, 0) if group is not None else 0
+        flat = torch.cat([m.reshape(-1) for m in self.masks.values()]).to(torch.uint8)
+        dist.broadcast(flat, src=src, group=group)
+        offset = 0
+        for name, m in self.masks.items():
+            n = m.numel()
+            self.masks[name] = flat[offset:offset + n].view(m.shape).bool()
+            offset += n
+        self._rebuild()
+
     # -- persistence -----------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {

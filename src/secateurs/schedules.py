@@ -7,6 +7,7 @@ with ``sparsity_at(t)`` and ``updates_at(t)``; the sparsifier prunes at steps wh
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -141,6 +142,89 @@ class Cubic:
         if step < self.start or step > self.end:
             return False
         return (step - self.start) % self.every == 0 or step == self.end
+
+
+def cosine_drop_fraction(step: int, initial: float, start: int, end: int, minimum: float = 0.0) -> float:
+    """Drop fraction decayed by a half cosine from ``initial`` at ``start`` to ``minimum`` at
+    ``end`` (RigL, Evci et al. 2020, Eq. 1: ``a/2 (1 + cos(pi t / T_end))``; GraNet's
+    regeneration rate 0.5 -> 0.005). Large early swaps explore, small late ones settle."""
+    if step <= start:
+        return initial
+    if step >= end:
+        return minimum
+    progress = (step - start) / (end - start)
+    return minimum + (initial - minimum) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class CosineDropFraction:
+    """When to swap connections (drop + regrow) and what fraction of each layer's active
+    weights to swap: every ``every`` steps strictly between ``start`` and ``end``, the
+    fraction following :func:`cosine_drop_fraction`. ``minimum == initial`` gives a constant
+    fraction (SET's zeta)."""
+
+    initial: float
+    every: int
+    end: int
+    start: int = 0
+    minimum: float = 0.0
+
+    def __post_init__(self) -> None:
+        for what, value in (("drop fraction", self.initial), ("minimum drop fraction", self.minimum)):
+            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{what} must be in (0, 1] (the share of active weights swapped), got {value!r}")
+        if self.initial <= 0.0:
+            raise ConfigError(f"drop fraction must be in (0, 1] (the share of active weights swapped), got {self.initial!r}")
+        if self.minimum > self.initial:
+            raise ConfigError(f"minimum drop fraction {self.minimum} exceeds the initial {self.initial}")
+        _check_step(self.start, "start")
+        _check_step(self.every, "every", 1)
+        if self.end <= self.start:
+            raise ConfigError(f"drop-fraction schedule needs start < end, got start={self.start}, end={self.end}")
+        if self.every >= self.end - self.start:
+            raise ConfigError(
+                f"update interval every={self.every} is not shorter than the update window "
+                f"end - start = {self.end - self.start}, so no connection would ever be swapped; "
+                "use a smaller interval or train longer"
+            )
+
+    def fraction_at(self, step: int) -> float:
+        return cosine_drop_fraction(step, self.initial, self.start, self.end, self.minimum)
+
+    def updates_at(self, step: int) -> bool:
+        return self.start < step < self.end and (step - self.start) % self.every == 0
+
+
+def parse_duration(
+    value: int | str, *, what: str, total_steps: int | None = None, steps_per_epoch: int | None = None
+) -> int:
+    """A number of optimizer steps from ``1000`` / ``"1000it"`` (steps), ``"2ep"`` (epochs) or
+    ``"75%"`` (of training), so configs can say what the papers say."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: expected steps like 1000, '1000it', '2ep' or '75%', got {value!r}")
+    if isinstance(value, int):
+        steps = value
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        unit = next((u for u in ("it", "ep", "%") if text.endswith(u)), "")
+        try:
+            number = float(text[: len(text) - len(unit)])
+        except ValueError:
+            raise ConfigError(f"{what}: cannot read {value!r}; write steps like 1000, '1000it', '2ep' or '75%'") from None
+        if unit == "ep":
+            if steps_per_epoch is None:
+                raise ConfigError(f"{what}={value!r} is in epochs but steps_per_epoch was not given; pass it or use steps")
+            number *= steps_per_epoch
+        elif unit == "%":
+            if total_steps is None:
+                raise ConfigError(f"{what}={value!r} is a share of training but total_steps was not given")
+            number = number / 100.0 * total_steps
+        steps = round(number)
+    else:
+        raise ConfigError(f"{what}: expected steps like 1000, '1000it', '2ep' or '75%', got {value!r}")
+    if steps < 0:
+        raise ConfigError(f"{what} must not be negative, got {value!r}")
+    return steps
 
 
 SCHEDULES: dict[str, type] = {"one_shot": OneShot, "constant": Constant, "geometric": Geometric, "cubic": Cubic}

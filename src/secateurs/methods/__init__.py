@@ -3,7 +3,8 @@
 ``METHODS`` maps names to sparsifier factories for configs and the CLI.
 """
 from .base import Sparsifier
+from .during import CTRE, GMP, SET, GraNet, RigL
 from .magnitude import Magnitude, Random
 from .registry import METHODS
 
-__all__ = ["Sparsifier", "Magnitude", "Random", "METHODS"]
+__all__ = ["Sparsifier", "Magnitude", "Random", "GMP", "SET", "RigL", "GraNet", "CTRE", "METHODS"]
