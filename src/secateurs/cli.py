@@ -40,7 +40,7 @@ def _flag_overrides(args: argparse.Namespace) -> dict:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .experiments import RunDir, load_config
-    from .experiments.prune_finetune import run_prune_finetune
+    from .experiments.sweep import run_sweep
 
     overrides = {**_flag_overrides(args), **_parse_set(args.set)}
     if args.resume:
@@ -54,8 +54,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = load_config(args.config, overrides)
         run = RunDir.for_config(config, args.runs_dir)
     print(f"run directory: {run.path}")
-    run_prune_finetune(config, run, progress=not args.no_progress)
+    run_sweep(config, run, progress=not args.no_progress)
     _report(run, print_table=True)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .experiments.compare import load_comparison, run_comparison
+
+    comparison = load_comparison(args.config)
+    seeds = tuple(args.seeds) if args.seeds else None
+    summary = run_comparison(comparison, args.runs_dir, seeds=seeds, progress=not args.no_progress)
+    print(f"\n{comparison.name}" + ("" if summary["complete"] else f" — INCOMPLETE, missing: {', '.join(summary['missing'])}"))
+    print((Path(summary["dir"]) / "comparison.md").read_text())
+    print(f"wrote {summary['dir']}/comparison.json, comparison.csv, comparison.md, accuracy_vs_sparsity.png")
     return 0
 
 
@@ -125,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
         train.add_argument(flag, type=kind, help=text)
     train.add_argument("--sparsity", type=float, action="append", help="target sparsity (repeat for several levels)")
     train.set_defaults(func=cmd_train)
+
+    compare = sub.add_parser("compare", help="several methods x seeds on one task: mean +- std table and plot")
+    compare.add_argument("--config", type=Path, required=True, help="comparison YAML (see configs/dst_*.yaml)")
+    compare.add_argument("--seeds", type=int, nargs="+", help="run only these seeds (split a comparison across processes)")
+    compare.add_argument("--runs-dir", default="runs", help="where run directories are created (default: runs)")
+    compare.add_argument("--no-progress", action="store_true", help="no progress bars")
+    compare.set_defaults(func=cmd_compare)
 
     report = sub.add_parser("report", help="redraw the plots and tables of a run directory")
     report.add_argument("run_dir")

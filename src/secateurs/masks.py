@@ -251,48 +251,43 @@ class Masks:
         self._rebuild()
 
     # -- distributed -------------------------------------------------------------------------
-    def checksum(self) -> torch.Tensor:
-        """Per-layer (count, sum of active flat indices, sum of their squares mod a prime):
-        two masks with equal checksums differ with negligible probability."""
-        rows = []
-        for m in self.masks.values():
-            idx = torch.nonzero(m.reshape(-1)).reshape(-1).to(torch.int64)
-            rows.append(torch.stack([idx.new_tensor(idx.numel()), idx.sum(), (idx * idx % 1_000_003).sum()]))
-        return torch.stack(rows)
-
     @torch.no_grad()
     def sync_(self, group=None) -> None:
         """Under ``torch.distributed`` with several ranks: check that every rank reached the
-        same masks (decisions must come from identical inputs: all-reduced gradients, one
-        seed), then broadcast rank 0's so they stay bit-identical. A no-op otherwise.
+        same masks as rank 0 (decisions must come from identical inputs: all-reduced
+        gradients, one seed), bit for bit. A no-op otherwise.
 
-        A disagreement raises on every rank, naming the ranks and layers that differ.
+        Rank 0's masks are broadcast and every rank compares them with its own, exactly (a
+        checksum can collide); one small all_gather of per-layer "differs" flags then lets a
+        disagreement raise on every rank, naming the ranks and layers that differ, with the
+        masks left unchanged.
         """
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) <= 1:
             return
-        local = self.checksum()
+        src = dist.get_global_rank(group, 0) if group is not None else 0
+        # a new tensor: self.masks keeps this rank's own masks to compare with
+        flat = torch.cat([m.reshape(-1) for m in self.masks.values()]).to(torch.uint8)
+        dist.broadcast(flat, src=src, group=group)
+        differs, offset = [], 0
+        for m in self.masks.values():
+            n = m.numel()
+            differs.append((flat[offset:offset + n] != m.reshape(-1).to(torch.uint8)).any())
+            offset += n
+        local = torch.stack(differs).to(torch.uint8)
         gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
         dist.all_gather(gathered, local, group=group)
-        ranks = [r for r, c in enumerate(gathered) if not torch.equal(c, gathered[0])]
+        ranks = [r for r, d in enumerate(gathered) if bool(d.any())]
         if ranks:
             names = list(self.masks)
-            layers = sorted({names[i] for r in ranks for i in torch.nonzero((gathered[r] != gathered[0]).any(1)).reshape(-1).tolist()})
+            layers = sorted({names[i] for r in ranks for i in torch.nonzero(gathered[r]).reshape(-1).tolist()})
             raise SparsityMismatchError(
                 f"masks differ across ranks after a mask update: rank(s) {ranks} disagree with rank 0 "
                 f"on {', '.join(layers[:4])}; mask decisions must use identical inputs on every rank "
                 "(DDP-averaged gradients, the same seed, the same batches for data-dependent scores)"
             )
-        src = dist.get_global_rank(group, 0) if group is not None else 0
-        flat = torch.cat([m.reshape(-1) for m in self.masks.values()]).to(torch.uint8)
-        dist.broadcast(flat, src=src, group=group)
-        offset = 0
-        for name, m in self.masks.items():
-            n = m.numel()
-            self.masks[name] = flat[offset:offset + n].view(m.shape).bool()
-            offset += n
-        self._rebuild()
+        # every rank holds exactly rank 0's masks already: nothing to copy
 
     # -- persistence -----------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -6,10 +6,16 @@ are reproducible and checkpointable.
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Protocol
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
 
+from .errors import ConfigError
+from .masks import unwrap_model
 from .registry import Registry
 
 
@@ -35,3 +41,203 @@ def random(weights: Mapping[str, torch.Tensor], generator: torch.Generator) -> d
     return {
         n: torch.rand(w.shape, generator=generator).to(w.device) for n, w in weights.items()
     }
+
+
+# -- pruning at initialisation ------------------------------------------------------------
+# These scores look at the network, not only at the weights: ``score(model, weights, ...)``.
+# A method binds the extra arguments (batches, input shape) into the two-argument form above.
+# Each one scores the network as it is *now*, i.e. the masked network (pruned weights are
+# zero in the live model), and leaves the model exactly as it found it: parameter and buffer
+# values, ``.grad`` (None stays None), every module's train/eval flag and the global RNG
+# streams. The model is evaluated with :func:`torch.func.functional_call` on detached copies
+# of the weights, so the live parameters are never written and no ``.grad`` accumulates.
+
+
+def _leaves(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fresh leaf tensors holding the weights' values, to differentiate with respect to."""
+    return {n: w.detach().clone().requires_grad_(True) for n, w in weights.items()}
+
+
+def _buffer_copies(model: nn.Module, transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Copies of the buffers, so batch norm in train mode updates copies, not the model."""
+    out = {}
+    for name, b in model.named_buffers():
+        out[name] = transform(b) if transform is not None and b.is_floating_point() else b.detach().clone()
+    return out
+
+
+def _fork_rng(model: nn.Module):
+    """Fork the CPU RNG and the RNG of every CUDA device the model lives on."""
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    if cuda:
+        return torch.random.fork_rng(devices=cuda, device_type="cuda")
+    return torch.random.fork_rng(devices=[])
+
+
+@contextmanager
+def _scoring(model: nn.Module, eval_mode: bool) -> Iterator[None]:
+    """Enable grad, optionally switch to eval mode, and fork the RNG; restore all on exit.
+
+    Forking the RNG means dropout during scoring does not shift the random stream the training
+    run sees afterwards. Every module's own ``training`` flag is restored (a model may mix
+    modes, e.g. frozen batch norm).
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        with _fork_rng(model), torch.enable_grad():
+            if eval_mode:
+                model.eval()
+            yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _forward(model: nn.Module, tensors: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return functional_call(model, dict(tensors), (x,), strict=False)
+
+
+def _grads(output: torch.Tensor, leaves: Mapping[str, torch.Tensor], **kw) -> dict[str, torch.Tensor]:
+    """d output / d leaves; a weight the output does not depend on gets a zero gradient."""
+    grads = torch.autograd.grad(output, list(leaves.values()), allow_unused=True, **kw)
+    return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(leaves.items(), grads)}
+
+
+def _batches(batches: Iterable, what: str) -> list:
+    out = list(batches)
+    if not out:
+        raise ConfigError(
+            f"{what} needs at least one (x, y) batch, but the batches iterable was empty; "
+            "pass a non-empty list or loader of (inputs, targets)"
+        )
+    return out
+
+
+def snip(
+    model: nn.Module,
+    weights: Mapping[str, torch.Tensor],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+) -> dict[str, torch.Tensor]:
+    """Connection sensitivity ``|g ⊙ w|`` (Lee et al. 2019, SNIP, Eq. 6).
+
+    Removing connection ``j`` changes the loss by about ``g_j * w_j`` to first order, so the
+    connections whose removal would change the loss least go first. ``g`` is the gradient of
+    the loss summed over ``batches`` (a list or iterable of ``(x, y)``; several batches act as
+    one larger batch), taken at the *current*, masked weights; the paper's normalisation by
+    the sum of all scores is dropped because it does not change any ranking. The model runs in
+    the mode it is in (batch norm uses batch statistics in train mode; its running statistics
+    are not updated).
+    """
+    model = unwrap_model(model)
+    batches = _batches(batches, "snip")
+    with _scoring(model, eval_mode=False):
+        leaves = _leaves(weights)
+        total = {n: torch.zeros_like(t) for n, t in leaves.items()}
+        for x, y in batches:
+            loss = loss_fn(_forward(model, {**_buffer_copies(model), **leaves}, x), y)
+            for n, g in _grads(loss, leaves).items():
+                total[n] += g
+    return {n: (total[n] * weights[n].detach()).abs() for n in weights}
+
+
+def grasp(
+    model: nn.Module,
+    weights: Mapping[str, torch.Tensor],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    temperature: float = 200.0,
+) -> dict[str, torch.Tensor]:
+    """Gradient signal preservation, returned as a keep score ``θ ⊙ Hg`` (Wang et al. 2020).
+
+    GraSP (Eq. 8) scores ``S(-θ) = -θ ⊙ Hg``: removing weight ``q`` (``δ = -θ_q e_q``) changes
+    the gradient norm ``gᵀg`` by about ``2 δᵀHg = 2 S_q``, and GraSP removes the weights with
+    the *largest* ``S``, whose removal reduces the gradient flow least (or increases it most);
+    its reference code keeps the weights with ``S`` at or below the pruning threshold. With
+    the library's "higher = keep" convention the score is therefore ``-S = θ ⊙ Hg``: the
+    highest ``θ ⊙ Hg`` are kept. Note the signed score: unlike SNIP it can be negative.
+
+    ``g`` is the gradient of the loss summed over ``batches`` (the prunable weights only, as
+    in the paper) and ``Hg`` the Hessian-gradient product of the same loss, by double backward
+    (Pearlmutter's trick: ``Hg = ∇_θ (g_fixedᵀ ∇_θ L)``), batch by batch so memory stays that
+    of one batch. The logits are divided by ``temperature`` = 200 before the loss, as in the
+    authors' released code (the paper does not mention it): at initialisation the softmax is
+    nearly uniform and a high temperature keeps the second-order term from being dominated by
+    a few saturated examples. Pass ``temperature=1`` for the plain loss. Dropout draws the
+    same masks in both passes (the RNG is reset between them).
+    """
+    if not temperature > 0:
+        raise ConfigError(f"grasp temperature must be positive, got {temperature!r}")
+    model = unwrap_model(model)
+    batches = _batches(batches, "grasp")
+
+    def loss_of(leaves, x, y):
+        out = _forward(model, {**_buffer_copies(model), **leaves}, x)
+        return loss_fn(out / temperature, y)
+
+    with _scoring(model, eval_mode=False):
+        leaves = _leaves(weights)
+        g = {n: torch.zeros_like(t) for n, t in leaves.items()}
+        with _fork_rng(model):
+            for x, y in batches:  # pass 1: g, no graph kept
+                for n, gi in _grads(loss_of(leaves, x, y), leaves).items():
+                    g[n] += gi
+        hg = {n: torch.zeros_like(t) for n, t in leaves.items()}
+        for x, y in batches:  # pass 2: Hg = d/dθ (g · ∇L_b), summed over batches
+            grads = _grads(loss_of(leaves, x, y), leaves, create_graph=True)
+            z = sum((grads[n] * g[n]).sum() for n in leaves)
+            if isinstance(z, torch.Tensor) and z.requires_grad:
+                for n, h in _grads(z, leaves).items():
+                    hg[n] += h
+    return {n: weights[n].detach() * hg[n] for n in weights}
+
+
+def synflow(
+    model: nn.Module,
+    weights: Mapping[str, torch.Tensor],
+    input_shape: Sequence[int],
+    dtype: torch.dtype = torch.float64,
+) -> dict[str, torch.Tensor]:
+    """Synaptic saliency ``|θ ⊙ dR/dθ|``, data-free (Tanaka et al. 2020, SynFlow, Eq. 2 and
+    Algorithm 1).
+
+    The network is linearised: every floating parameter and buffer is replaced by its absolute
+    value (the authors' code does this for the whole state, biases and batch-norm statistics
+    included), the input is all ones of shape ``(1, *input_shape)`` and ``R = 1ᵀ f(1; |θ|)``
+    is the sum of the output. ``R`` is a path norm: in a positive network every layer's scores
+    sum to ``R`` (the conservation law of Theorem 1), so a global threshold cannot empty one
+    layer while another keeps its weights -- SynFlow avoids layer collapse when it is iterated
+    (the iteration lives in :class:`secateurs.methods.SynFlow`).
+
+    Batch norm must use its running statistics: with train-mode batch statistics on a single
+    all-ones input the per-channel variance is zero and the score depends on the mode, not the
+    weights. So the model is switched to eval mode for scoring and every module's mode is
+    restored after. The computation runs in ``float64`` (``dtype``): ``R`` is a product of
+    absolute values over the depth and overflows float32 on deep networks (scores of 1e40 and
+    more on VGG/ResNet). The scores are returned in ``dtype``, unnormalised; rescale them
+    (e.g. by a power of two) before any float32 step. The live model is never modified: the
+    linearised values are handed to :func:`torch.func.functional_call`.
+    """
+    model = unwrap_model(model)
+    shape = tuple(int(s) for s in input_shape)
+    if not shape or any(s < 1 for s in shape):
+        raise ConfigError(
+            f"synflow input_shape must be the model's input shape without the batch dimension, "
+            f"e.g. (1, 28, 28); got {tuple(input_shape)!r}"
+        )
+    device = next(iter(weights.values())).device
+    with _scoring(model, eval_mode=True):
+        tensors = _buffer_copies(model, lambda b: b.detach().abs().to(dtype))
+        tensors.update(
+            {n: p.detach().abs().to(dtype) for n, p in model.named_parameters() if p.is_floating_point()}
+        )
+        leaves = {n: w.detach().abs().to(dtype).requires_grad_(True) for n, w in weights.items()}
+        tensors.update(leaves)
+        r = _forward(model, tensors, torch.ones((1, *shape), dtype=dtype, device=device)).sum()
+        if not torch.isfinite(r):
+            raise ConfigError(
+                f"synflow's path norm R overflowed {dtype} ({r.item()}); the network is too deep "
+                "or its weights too large for this dtype"
+            )
+        grads = _grads(r, leaves)
+    return {n: (leaves[n].detach() * grads[n]).abs() for n in weights}

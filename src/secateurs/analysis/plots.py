@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 
 def _pyplot():
@@ -20,8 +20,10 @@ def plot_accuracy_vs_sparsity(rows: Sequence[dict], path: str | Path, title: str
     plt = _pyplot()
     remaining = [100 * (1 - r["sparsity"]) for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    ax.plot(remaining, [100 * r["test_acc"] for r in rows], "o-", label="pruned + fine-tuned")
-    ax.plot(remaining, [100 * r["acc_before_finetune"] for r in rows], "s--", alpha=0.7, label="pruned, before fine-tune")
+    before = [(x, r["acc_before_finetune"]) for x, r in zip(remaining, rows) if r.get("acc_before_finetune") is not None]
+    ax.plot(remaining, [100 * r["test_acc"] for r in rows], "o-", label="pruned + fine-tuned" if before else "final")
+    if before:
+        ax.plot([x for x, _ in before], [100 * a for _, a in before], "s--", alpha=0.7, label="pruned, before fine-tune")
     ax.set_xscale("log")
     ax.invert_xaxis()
     ax.set_xticks(remaining)
@@ -52,6 +54,39 @@ def plot_layer_sparsity(rows: Sequence[dict], path: str | Path, title: str = "")
     ax.set_ylabel("layer sparsity (%)")
     ax.set_title(title or "per-layer sparsity")
     ax.legend(title="target", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_method_comparison(
+    series: Mapping[str, Sequence[tuple[float, float, float]]], path: str | Path, title: str = "",
+    dense: tuple[float, float] | None = None,
+) -> Path:
+    """Accuracy vs. weights remaining for several methods: ``series[method]`` is a list of
+    ``(sparsity, mean accuracy, std)`` (fractions); ``dense`` is the dense (mean, std)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
+    ticks: set[float] = set()
+    for method, points in series.items():
+        points = sorted(points)
+        x = [100 * (1 - s) for s, _, _ in points]
+        ticks.update(x)
+        ax.errorbar(x, [100 * m for _, m, _ in points], yerr=[100 * e for _, _, e in points],
+                    marker="o", capsize=3, label=method)
+    if dense is not None:
+        ax.axhline(100 * dense[0], color="k", linestyle=":", label="dense")
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xticks(sorted(ticks))
+    ax.set_xticklabels([f"{v:.3g}" for v in sorted(ticks)])
+    ax.minorticks_off()
+    ax.set_xlabel("weights remaining (%)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title or "accuracy vs. sparsity")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

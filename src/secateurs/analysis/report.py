@@ -8,15 +8,26 @@ from typing import Sequence
 COLUMNS = ("target_sparsity", "sparsity", "acc_before_finetune", "test_acc")
 
 
+def _pct(value, width: int, digits: int = 2) -> str:
+    return f"{'-':>{width}} " if value is None else f"{100 * value:{width}.{digits}f}%"
+
+
+def _flops(row: dict, kind: str):
+    return (row.get("flops") or {}).get(kind)
+
+
 def format_table(rows: Sequence[dict]) -> str:
-    """A fixed-width table of accuracy vs. sparsity (percentages)."""
-    header = f"{'target':>8} {'achieved':>9} {'weights':>11} {'acc pruned':>11} {'acc tuned':>10}"
+    """A fixed-width table of accuracy vs. sparsity (percentages; FLOPs as % of dense;
+    ``acc pruned`` is before fine-tuning, for methods that prune a trained network)."""
+    header = (f"{'target':>8} {'achieved':>9} {'weights':>15} {'acc pruned':>11} {'acc final':>10} "
+              f"{'infer FLOPs':>12} {'train FLOPs':>12}")
     lines = [header, "-" * len(header)]
     for r in rows:
         weights = f"{r['active']}/{r['numel']}" if "active" in r else "dense"
         lines.append(
-            f"{100 * r['target_sparsity']:7.1f}% {100 * r['sparsity']:8.2f}% {weights:>11} "
-            f"{100 * r['acc_before_finetune']:10.2f}% {100 * r['test_acc']:9.2f}%"
+            f"{100 * r['target_sparsity']:7.1f}% {100 * r['sparsity']:8.2f}% {weights:>15} "
+            f"{_pct(r.get('acc_before_finetune'), 10)} {_pct(r['test_acc'], 9)} "
+            f"{_pct(_flops(r, 'inference'), 11, 1)} {_pct(_flops(r, 'training'), 11, 1)}"
         )
     return "\n".join(lines)
 
@@ -24,7 +35,11 @@ def format_table(rows: Sequence[dict]) -> str:
 def to_csv(rows: Sequence[dict]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["phase", *COLUMNS, "test_loss", "active", "numel"])
+    writer.writerow(["phase", *COLUMNS, "test_loss", "active", "numel", "inference_flops", "training_flops"])
     for r in rows:
-        writer.writerow([r["phase"], *(r[c] for c in COLUMNS), r["test_loss"], r.get("active", ""), r.get("numel", "")])
+        writer.writerow([
+            r["phase"], *(r.get(c) if r.get(c) is not None else "" for c in COLUMNS), r["test_loss"],
+            r.get("active", ""), r.get("numel", ""),
+            *("" if _flops(r, k) is None else _flops(r, k) for k in ("inference", "training")),
+        ])
     return out.getvalue()

@@ -48,13 +48,23 @@ class PhaseConfig:
 
 @dataclass(frozen=True)
 class PruneConfig:
-    """Prune after training: one level per entry of ``sparsities``, each followed by a
-    fine-tune. ``cumulative`` starts each level from the previous fine-tuned network
-    (iterative pruning); otherwise every level starts from the dense network."""
+    """What to prune, how far, and with which method.
+
+    One level per entry of ``sparsities``. For a method that prunes *after* training each
+    level is a prune of the dense network followed by the ``finetune`` phase; ``cumulative``
+    starts each level from the previous fine-tuned network (iterative pruning). For methods
+    that prune *at init* or *during* training each level is a fresh run of the ``train`` phase
+    from the same initialisation, with the method's sparsifier. ``params`` are the method's
+    own hyperparameters (e.g. ``every``, ``drop_fraction``; see ``secateurs list``); ``scope``
+    None means the method's default allocation. ``dense_baseline`` trains the dense network
+    too (always done for after-training methods, which start from it).
+    """
 
     method: str = "magnitude"
-    scope: str = "global"
+    scope: str | None = None
     sparsities: tuple[float, ...] = ()
+    params: dict[str, Any] = field(default_factory=dict)
+    dense_baseline: bool = True
     cumulative: bool = True
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
@@ -63,7 +73,7 @@ class PruneConfig:
     allow_layer_collapse: bool = False
 
     def __post_init__(self) -> None:
-        if self.scope not in SCOPES:
+        if self.scope is not None and self.scope not in SCOPES:
             raise ConfigError(f"unknown prune.scope {self.scope!r}; known scopes: {', '.join(SCOPES)}")
         for s in self.sparsities:
             check_sparsity(s, "prune.sparsities entry")

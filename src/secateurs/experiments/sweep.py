@@ -1,0 +1,334 @@
+"""A sparsity sweep: one run directory, a dense phase and one phase per target sparsity.
+
+How a level is made depends on when the method prunes (``Sparsifier.timing``):
+
+- ``after``: prune the trained dense network, then fine-tune (``finetune`` phase);
+- ``init``: prune the freshly initialised network, then train it (``train`` phase);
+- ``during``: train from the same initialisation with the method's sparsifier running its
+  schedule (``train`` phase), e.g. GMP, RigL, GraNet.
+
+Each phase ("dense", "sparsity-0.9", ...) checkpoints after every epoch into the run
+directory; a finished phase is recorded in ``results.json`` and skipped on a re-run, an
+unfinished one resumes from its last epoch. So an interrupted run loses at most one epoch
+and re-running the same config never redoes finished work.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..data import BatchTransform, ImageDataset, InMemoryLoader, load_dataset
+from ..methods import METHODS, Sparsifier
+from ..analysis.flops import flops_report, inference_flops, layer_macs
+from ..errors import ConfigError, NonFiniteLossError, SparsityMismatchError
+from ..masks import select_prunable
+from ..models import MODELS, create_model
+from ..train import Trainer, TrainConfig, build_optimizer, load_checkpoint, save_checkpoint
+from ..train.loop import resolve_device
+from .config import ExperimentConfig, PhaseConfig
+from .runs import RunDir, atomic_write_text
+
+
+def _train_config(phase: PhaseConfig, config: ExperimentConfig, index: int) -> TrainConfig:
+    return TrainConfig(
+        epochs=phase.epochs,
+        optimizer=phase.optimizer,
+        lr_schedule=phase.lr_schedule,
+        seed=config.seed * 1000 + index,
+        device=config.device,
+        grad_clip=phase.grad_clip,
+        label_smoothing=phase.label_smoothing,
+    )
+
+
+class _Data:
+    """Loaders for one run: the whole dataset lives on the training device."""
+
+    def __init__(self, config: ExperimentConfig, dataset: ImageDataset):
+        self.config, self.dataset = config, dataset
+        self.device = resolve_device(config.device)
+        self.transform = BatchTransform(
+            mean=dataset.mean, std=dataset.std, crop_padding=config.data.crop_padding, flip=config.data.flip
+        )
+        self.test = InMemoryLoader(
+            dataset.test_images, dataset.test_labels, config.data.eval_batch_size,
+            shuffle=False, transform=self.transform, device=self.device,
+        )
+
+    def example(self) -> torch.Tensor:
+        """One normalised test image (batch of 1), for counting FLOPs."""
+        return next(iter(self.test))[0][:1]
+
+    def probe(self) -> InMemoryLoader:
+        """Unshuffled, unaugmented training batches for methods that look at data (SNIP,
+        CTRE): the same sequence on every call, so a resumed run draws the same batches."""
+        return InMemoryLoader(
+            self.dataset.train_images, self.dataset.train_labels, self.config.data.batch_size,
+            shuffle=False, transform=self.transform, device=self.device,
+        )
+
+    def train(self, seed: int) -> InMemoryLoader:
+        augment = self.config.data.crop_padding > 0 or self.config.data.flip
+        return InMemoryLoader(
+            self.dataset.train_images, self.dataset.train_labels, self.config.data.batch_size,
+            shuffle=True, transform=self.transform, augment=augment, device=self.device, seed=seed,
+        )
+
+
+def build_model(config: ExperimentConfig, dataset: ImageDataset) -> torch.nn.Module:
+    torch.manual_seed(config.seed)
+    return create_model(
+        config.model.name, num_classes=dataset.num_classes,
+        in_channels=dataset.in_channels, image_size=dataset.image_size[0],
+    )
+
+
+def build_sparsifier(
+    config: ExperimentConfig, model, optimizer, *, sparsity: float | None = None,
+    total_steps: int | None = None, steps_per_epoch: int | None = None, batches=None,
+) -> Sparsifier:
+    """The configured method's sparsifier; ``params`` typos raise with the accepted names."""
+    p = config.prune
+    factory = METHODS.get(p.method)
+    kwargs = dict(
+        include=p.include, exclude=p.exclude, keep_dense=p.keep_dense, layer_sparsity=p.layer_sparsity,
+        allow_layer_collapse=p.allow_layer_collapse, seed=config.seed,
+    )
+    if p.scope is not None:
+        kwargs["scope"] = p.scope
+    if factory.timing == "during":
+        kwargs.update(sparsity=sparsity, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    if factory.timing in ("during", "init"):
+        kwargs["batches"] = batches
+    clash = sorted(set(p.params) & set(kwargs))
+    if clash:
+        raise ConfigError(f"prune.params {clash} are set elsewhere in the config (prune.* / train.*); remove them from params")
+    known = _accepted_params(factory)
+    unknown = sorted(set(p.params) - set(known) - _SHARED)
+    if unknown:
+        raise ConfigError(
+            f"method {p.method!r} does not take {', '.join(map(repr, unknown))} in prune.params; "
+            f"it accepts: {', '.join(known) or 'no parameters'}"
+        )
+    return factory(model, optimizer, **kwargs, **p.params)
+
+
+_SHARED = {"model", "optimizer", "sparsity", "total_steps", "steps_per_epoch", "scope", "kwargs", "self",
+           "include", "exclude", "keep_dense", "layer_sparsity", "allow_layer_collapse", "seed", "batches"}
+
+
+def _accepted_params(factory) -> list[str]:
+    """The method's own hyperparameters (those ``prune.params`` may set), from its signature
+    and, when it forwards ``**kwargs``, the base sparsifier's."""
+    import inspect
+
+    names: list[str] = []
+    for cls in factory.__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters
+        names += [n for n, v in params.items() if v.kind is v.KEYWORD_ONLY or v.kind is v.POSITIONAL_OR_KEYWORD]
+        if not any(v.kind is v.VAR_KEYWORD for v in params.values()):
+            break
+    return [n for n in dict.fromkeys(names) if n not in _SHARED and n not in ("score", "schedule", "regrowth", "swap_schedule", "types")]
+
+
+def run_sweep(
+    config: ExperimentConfig,
+    run: RunDir,
+    *,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+    dataset: ImageDataset | None = None,
+) -> dict:
+    """Run (or resume, or reuse) the experiment in ``run``; returns the results dict."""
+    # Bad names and missing data fail before the run directory is created.
+    METHODS.get(config.prune.method)
+    MODELS.get(config.model.name)
+    if run.results_path.is_file() and run.results().get("complete"):
+        run.bind(config)
+        echo(f"reusing finished run {run.path}")
+        return run.results()
+    dataset = dataset if dataset is not None else load_dataset(config.data.dataset, config.data.root)
+    run.bind(config)
+    try:
+        with run.lock():
+            return _run(config, run, dataset, progress, echo)
+    except NonFiniteLossError as e:
+        done = sorted(p.name for p in run.checkpoints.glob("*.pt")) if run.checkpoints.is_dir() else []
+        raise NonFiniteLossError(
+            f"{e} Finished phases are kept in {run.checkpoints} ({', '.join(done) or 'none yet'})."
+        ) from None
+
+
+def _run(config: ExperimentConfig, run: RunDir, dataset: ImageDataset, progress: bool, echo) -> dict:
+    results = run.results()
+    data = _Data(config, dataset)
+    model = build_model(config, dataset)
+    timing = METHODS.get(config.prune.method).timing
+    results.update(
+        config_hash=config.short_hash(), model=config.model.name, dataset=dataset.name,
+        method=config.prune.method, timing=timing,
+    )
+    rows: dict[str, dict] = {r["phase"]: r for r in results.get("levels", [])}
+    macs = layer_macs(model, data.example(), list(select_prunable(model, config.prune.include, config.prune.exclude)))
+
+    def log(phase: str, sparsity: float) -> Callable[[dict], None]:
+        return lambda record: run.log({"phase": phase, "target_sparsity": sparsity, **record})
+
+    # -- dense training ------------------------------------------------------------------
+    dense_ckpt = run.checkpoint("dense")
+    if timing == "after" or config.prune.dense_baseline:
+        if "dense" in rows and dense_ckpt.is_file():
+            model.load_state_dict(load_checkpoint(dense_ckpt)["model"])
+        else:
+            trainer = Trainer(
+                model, data.train(config.seed * 1000), _train_config(config.train, config, 0),
+                eval_data=data.test, checkpoint_path=dense_ckpt, callbacks=[log("dense", 0.0)],
+                progress=progress, progress_desc="dense",
+            )
+            if trainer.resume():
+                echo(f"resumed dense training at epoch {trainer.state.epoch}/{config.train.epochs}")
+            history = trainer.fit()
+            save_checkpoint(dense_ckpt, trainer.state_dict())
+            final = trainer.evaluate(data.test)
+            rows["dense"] = {
+                "phase": "dense", "target_sparsity": 0.0, "sparsity": 0.0,
+                "acc_before_finetune": final["acc"] if timing == "after" else None,
+                "test_acc": final["acc"], "test_loss": final["loss"],
+                "epochs": len(history), "layers": {}, "flops": _flops(macs, [], 1, {}),
+            }
+            _save(run, results, rows, complete=False)
+
+    # -- sparsity levels -----------------------------------------------------------------
+    previous = dense_ckpt
+    levels = config.prune.sparsities
+    for index, target in enumerate(levels, start=1):
+        phase = f"sparsity-{target:g}"
+        ckpt = run.checkpoint(phase)
+        desc = f"{config.prune.method} {target:g} ({index}/{len(levels)})"
+        if phase in rows and ckpt.is_file():
+            previous = ckpt
+            continue
+        if timing == "after":
+            rows[phase] = _after_training_level(config, run, data, model, macs, target, index, previous, ckpt, log, progress, echo, desc)
+        else:
+            rows[phase] = _sparse_training_level(config, run, data, dataset, macs, target, index, timing, ckpt, log, progress, echo, desc)
+        _save(run, results, rows, complete=False)
+        previous = ckpt
+
+    _save(run, results, rows, complete=True)
+    return run.results()
+
+
+def _after_training_level(config, run, data, model, macs, target, index, previous, ckpt, log, progress, echo, desc) -> dict:
+    """Prune the trained network (or the previous level) to ``target`` and fine-tune."""
+    phase = f"sparsity-{target:g}"
+    start = previous if config.prune.cumulative else run.checkpoint("dense")
+    optimizer = build_optimizer(model, config.finetune.optimizer)
+    sparsifier = build_sparsifier(config, model, optimizer)
+    _load_start(model, sparsifier, start)
+    trainer = Trainer(
+        model, data.train(config.seed * 1000 + index), _train_config(config.finetune, config, index),
+        optimizer=optimizer, sparsifier=sparsifier, eval_data=data.test, checkpoint_path=ckpt,
+        callbacks=[log(phase, target)], progress=progress, progress_desc=desc,
+    )
+    pending = run.path / f".{phase}.pruned.json"
+    if trainer.resume():
+        echo(f"resumed {phase} at epoch {trainer.state.epoch}/{config.finetune.epochs}")
+        before = float(_read_json(pending).get("acc_before_finetune", math.nan))
+    else:
+        sparsifier.prune(target)
+        before = trainer.evaluate(data.test)["acc"]
+        atomic_write_text(pending, json.dumps({"acc_before_finetune": before}))
+    history = trainer.fit()
+    save_checkpoint(ckpt, trainer.state_dict())
+    row = _level_row(phase, target, trainer, sparsifier, data, history, before)
+    # training cost is dense pre-training plus fine-tuning; only the inference share is a
+    # property of the method here
+    row["flops"] = {"inference": inference_flops(macs, _densities(sparsifier))["fraction"], "training": None}
+    pending.unlink(missing_ok=True)
+    return row
+
+
+def _sparse_training_level(config, run, data, dataset, macs, target, index, timing, ckpt, log, progress, echo, desc) -> dict:
+    """Train from the seed's initialisation with the sparsifier: pruned once at init
+    (``init``) or along the method's own schedule (``during``)."""
+    phase = f"sparsity-{target:g}"
+    model = build_model(config, dataset)  # the same initial weights for every level
+    model.to(data.device)
+    optimizer = build_optimizer(model, config.train.optimizer)
+    train_data = data.train(config.seed * 1000 + index)
+    total = len(train_data) * config.train.epochs
+    sparsifier = build_sparsifier(
+        config, model, optimizer, sparsity=target, total_steps=total,
+        steps_per_epoch=len(train_data), batches=data.probe,
+    )
+    trainer = Trainer(
+        model, train_data, _train_config(config.train, config, index), optimizer=optimizer,
+        sparsifier=sparsifier, eval_data=data.test, checkpoint_path=ckpt,
+        callbacks=[log(phase, target)], progress=progress, progress_desc=desc,
+    )
+    if trainer.resume():
+        echo(f"resumed {phase} at epoch {trainer.state.epoch}/{config.train.epochs}")
+    elif timing == "init":
+        sparsifier.prune(target)
+    history = trainer.fit()
+    save_checkpoint(ckpt, trainer.state_dict())
+    row = _level_row(phase, target, trainer, sparsifier, data, history, None)
+    if abs(row["sparsity"] - target) > 0.5 / row["numel"] + 1e-12 and not (config.prune.keep_dense or config.prune.layer_sparsity):
+        raise SparsityMismatchError(
+            f"{config.prune.method} ended {phase} at sparsity {row['sparsity']:.6f}, not the target {target}; "
+            "its schedule must reach the target before training ends (check prune.params end / every)"
+        )
+    initial = {n: 1.0 for n in macs}
+    row["flops"] = _flops(macs, sparsifier.history, total, _densities(sparsifier), initial)
+    row["updates"] = sum(1 for h in sparsifier.history if h["kind"] != "init")
+    return row
+
+
+def _level_row(phase, target, trainer, sparsifier, data, history, before) -> dict:
+    final = trainer.evaluate(data.test)
+    stats = sparsifier.stats()
+    return {
+        "phase": phase, "target_sparsity": target, "sparsity": stats["sparsity"],
+        "acc_before_finetune": before, "test_acc": final["acc"], "test_loss": final["loss"],
+        "epochs": len(history), "active": stats["active"], "numel": stats["numel"],
+        "layers": {n: v["sparsity"] for n, v in stats["layers"].items()},
+    }
+
+
+def _densities(sparsifier: Sparsifier) -> dict[str, float]:
+    return {n: 1.0 - s for n, s in sparsifier.masks.layer_sparsity().items()}
+
+
+def _flops(macs, events, total_steps, final_density, initial=None) -> dict:
+    """Inference and training FLOPs as fractions of dense (GraNet Table 3 style)."""
+    report = flops_report(macs, events, total_steps, final_density or None, initial_density=initial)
+    return {"inference": report["inference"]["fraction"], "training": report["training"]["fraction"]}
+
+
+def _load_start(model, sparsifier: Sparsifier, path: Path) -> None:
+    """Start a level from a finished phase: its weights and, if it was sparse, its masks."""
+    state = load_checkpoint(path)
+    model.load_state_dict(state["model"])
+    if state.get("sparsifier") is not None:
+        sparsifier.masks.load_state_dict(state["sparsifier"]["masks"])
+        sparsifier.masks.apply_()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save(run: RunDir, results: dict, rows: dict[str, dict], complete: bool) -> None:
+    ordered = sorted(rows.values(), key=lambda r: r["target_sparsity"])
+    run.write_results({**results, "complete": complete, "levels": ordered})

@@ -1,0 +1,135 @@
+"""The experiment layer with methods that prune during training, and method comparisons."""
+import json
+
+import pytest
+import torch
+import yaml
+
+from secateurs.allocation import keep_count
+from secateurs.cli import main
+from secateurs.errors import ConfigError, SparsityMismatchError
+from secateurs.experiments import RunDir, load_config
+from secateurs.experiments.compare import aggregate, experiment_configs, load_comparison, run_comparison
+from secateurs.experiments.runs import RunDir as _RunDir
+from secateurs.experiments.sweep import run_sweep
+from secateurs.train import load_checkpoint
+
+BASE = {
+    "data": {"dataset": "digits", "batch_size": 64, "eval_batch_size": 512},
+    "model": {"name": "lenet300_100"},
+    "train": {"epochs": 3, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}},
+    "prune": {"sparsities": [0.8, 0.9]},
+}
+
+
+def run(tmp_path, sub="runs", **overrides):
+    config = load_config(None, {**BASE, "name": "during", **overrides})
+    rd = RunDir.for_config(config, tmp_path / sub)
+    return config, rd, run_sweep(config, rd, progress=False, echo=lambda s: None)
+
+
+@pytest.mark.parametrize("method", ["granet", "rigl", "gmp"])
+def test_during_training_levels_are_exact_and_report_flops(tmp_path, method):
+    _, rd, results = run(tmp_path, **{"prune.method": method, "prune.params": {"every": 10}})
+    assert results["complete"] and results["timing"] == "during"
+    rows = {r["phase"]: r for r in results["levels"]}
+    assert set(rows) == {"dense", "sparsity-0.8", "sparsity-0.9"}
+    for target in (0.8, 0.9):
+        row = rows[f"sparsity-{target:g}"]
+        assert row["active"] == keep_count(row["numel"], target)
+        assert row["acc_before_finetune"] is None and row["updates"] > 0
+        # a dense-to-sparse run costs more to train than its final model costs to run
+        flops = row["flops"]
+        assert flops["inference"] == pytest.approx(1 - target, abs=0.02)
+        assert flops["inference"] <= flops["training"] <= 1.0
+        state = load_checkpoint(rd.checkpoint(f"sparsity-{target:g}"))
+        for name, mask in state["sparsifier"]["masks"]["masks"].items():
+            assert torch.count_nonzero(state["model"][name][~mask]) == 0
+    assert rows["dense"]["flops"] == {"inference": 1.0, "training": 1.0}
+
+
+def test_interrupted_rigl_run_resumes_bit_identically(tmp_path, monkeypatch):
+    over = {"prune.method": "rigl", "prune.params": {"every": 7}, "prune.dense_baseline": False}
+    _, ref_run, ref = run(tmp_path, "ref", **over)
+    original_log = _RunDir.log
+
+    def interrupting_log(self, record):
+        original_log(self, record)
+        if (record["phase"], record["epoch"]) == ("sparsity-0.9", 1):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(_RunDir, "log", interrupting_log)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "cut", **over)
+    monkeypatch.setattr(_RunDir, "log", original_log)
+    _, cut_run, resumed = run(tmp_path, "cut", **over)
+    assert [r["test_acc"] for r in resumed["levels"]] == [r["test_acc"] for r in ref["levels"]]
+    a, b = load_checkpoint(cut_run.checkpoint("sparsity-0.9")), load_checkpoint(ref_run.checkpoint("sparsity-0.9"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["sparsifier"]["history"] == b["sparsifier"]["history"]
+
+
+def test_unknown_method_param_lists_the_accepted_ones(tmp_path):
+    with pytest.raises(ConfigError, match=r"does not take 'evry'.*accepts: .*drop_fraction.*every"):
+        run(tmp_path, **{"prune.method": "rigl", "prune.params": {"evry": 10}})
+    with pytest.raises(ConfigError, match="set elsewhere"):
+        run(tmp_path, **{"prune.method": "rigl", "prune.params": {"seed": 3}})
+
+
+def test_a_schedule_that_does_not_reach_the_target_is_an_error(tmp_path):
+    # pruning ends after training does: the run would silently report a denser network
+    with pytest.raises(SparsityMismatchError, match="not the target"):
+        run(tmp_path, **{"prune.method": "gmp", "prune.params": {"every": 10, "end": "150%"}})
+
+
+COMPARISON = {
+    "name": "cmp",
+    "seeds": [0, 1],
+    "base": {**BASE, "train": {**BASE["train"], "epochs": 2}, "prune": {"sparsities": [0.9]}},
+    "variants": [
+        {"label": "GMP", "method": "gmp", "params": {"every": 10}},
+        {"label": "SET", "method": "set", "params": {"every": 10}},
+    ],
+}
+
+
+def test_comparison_aggregates_seeds_and_reuses_runs(tmp_path, capsys):
+    path = tmp_path / "cmp.yaml"
+    path.write_text(yaml.safe_dump(COMPARISON))
+    comparison = load_comparison(path)
+    assert [(label, seed) for label, seed, _ in experiment_configs(comparison)] == [
+        ("dense", 0), ("GMP", 0), ("SET", 0), ("dense", 1), ("GMP", 1), ("SET", 1)]
+    # split across "processes" by seed, then aggregate by running the whole thing again
+    partial = run_comparison(comparison, tmp_path / "runs", seeds=(0,), progress=False, echo=lambda s: None)
+    assert not partial["complete"] and "GMP seed 1" in partial["missing"]
+    messages = []
+    summary = run_comparison(comparison, tmp_path / "runs", progress=False, echo=messages.append)
+    assert summary["complete"]
+    assert sum("reusing finished run" in m for m in messages) == 3  # seed 0 was not retrained
+    rows = {(r["method"], r["target_sparsity"]): r for r in summary["rows"]}
+    assert set(rows) == {("dense", 0.0), ("GMP", 0.9), ("SET", 0.9)}
+    accs = []
+    for _, seed, config in experiment_configs(comparison):
+        if config.prune.method == "set":
+            res = RunDir.for_config(config, tmp_path / "runs").results()
+            accs.append(next(r["test_acc"] for r in res["levels"] if r["phase"] == "sparsity-0.9"))
+    assert rows[("SET", 0.9)]["test_acc_mean"] == pytest.approx(sum(accs) / 2)
+    assert rows[("SET", 0.9)]["test_acc_std"] == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)
+    out = tmp_path / "runs" / "cmp-comparison"
+    assert json.loads((out / "comparison.json").read_text())["complete"]
+    assert "| 90% | SET |" in (out / "comparison.md").read_text()
+    assert (out / "accuracy_vs_sparsity.png").stat().st_size > 1000
+    # the CLI prints the same table
+    assert main(["compare", "--config", str(path), "--runs-dir", str(tmp_path / "runs"), "--no-progress"]) == 0
+    assert "| 90% | GMP |" in capsys.readouterr().out
+
+
+def test_comparison_rejects_bad_configs(tmp_path):
+    bad = {**COMPARISON, "variants": [COMPARISON["variants"][0], COMPARISON["variants"][0]]}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError, match="unique"):
+        load_comparison(path)
+    path.write_text(yaml.safe_dump({**COMPARISON, "variants": [{"label": "x", "method": "nope"}]}))
+    with pytest.raises(Exception, match="unknown method 'nope'"):
+        run_comparison(load_comparison(path), tmp_path / "r", progress=False, echo=lambda s: None)
