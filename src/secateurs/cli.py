@@ -71,6 +71,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plasticity(args: argparse.Namespace) -> int:
+    from .experiments.plasticity import format_plasticity, load_plasticity, run_plasticity
+
+    study = load_plasticity(args.config)
+    result = run_plasticity(study, args.runs_dir, progress=not args.no_progress)
+    print(f"\n{study.name}: accuracy change (pt) after pruning and {study.continue_epochs} epoch(s) of "
+          "continued training, without / with regeneration")
+    print(format_plasticity(result["cells"]))
+    print(f"wrote {result['dir']}/plasticity.json, plasticity.csv, plasticity.png")
+    return 0
+
+
 def _report(run, print_table: bool) -> None:
     from .analysis.plots import plot_accuracy_vs_sparsity, plot_layer_sparsity
     from .analysis.report import format_table, to_csv
@@ -144,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--runs-dir", default="runs", help="where run directories are created (default: runs)")
     compare.add_argument("--no-progress", action="store_true", help="no progress bars")
     compare.set_defaults(func=cmd_compare)
+
+    plast = sub.add_parser("plasticity", help="pruning plasticity grid (GraNet Fig. 2): prune at epoch t by p, continue k epochs")
+    plast.add_argument("--config", type=Path, required=True, help="plasticity YAML (see configs/plasticity_*.yaml)")
+    plast.add_argument("--runs-dir", default="runs", help="where run directories are created (default: runs)")
+    plast.add_argument("--no-progress", action="store_true", help="no progress bars")
+    plast.set_defaults(func=cmd_plasticity)
 
     report = sub.add_parser("report", help="redraw the plots and tables of a run directory")
     report.add_argument("run_dir")

@@ -91,3 +91,28 @@ def plot_method_comparison(
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def plot_plasticity(cells: Sequence[dict], path: str | Path, title: str = "") -> Path:
+    """GraNet Figure 2 style: change in test accuracy after pruning and continued training vs.
+    pruning ratio, one colour per pruning epoch; solid without, dashed with regeneration."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
+    epochs = sorted({c["epoch"] for c in cells})
+    colours = plt.cm.viridis([i / max(1, len(epochs) - 1) for i in range(len(epochs))])
+    for colour, t in zip(colours, epochs):
+        for regen, style in ((False, "o-"), (True, "s--")):
+            pts = sorted((c["ratio"], c["plasticity"]) for c in cells if c["epoch"] == t and c["regeneration"] == regen)
+            if pts:
+                ax.plot([100 * r for r, _ in pts], [100 * v for _, v in pts], style, color=colour,
+                        label=f"epoch {t}{' + regeneration' if regen else ''}")
+    ax.axhline(0, color="k", linewidth=0.8)
+    ax.set_xlabel("pruning ratio (%)")
+    ax.set_ylabel("test accuracy change (pt)")
+    ax.set_title(title or "pruning plasticity")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

@@ -2,9 +2,10 @@
 
 ``METHODS`` maps names to sparsifier factories for configs and the CLI.
 """
+from .at_init import SNIP, GraSP, RandomInit, SynFlow
 from .base import Sparsifier
 from .during import CTRE, GMP, SET, GraNet, RigL
 from .magnitude import Magnitude, Random
 from .registry import METHODS
 
-__all__ = ["Sparsifier", "Magnitude", "Random", "GMP", "SET", "RigL", "GraNet", "CTRE", "METHODS"]
+__all__ = ["Sparsifier", "Magnitude", "Random", "GMP", "SET", "RigL", "GraNet", "CTRE", "SNIP", "GraSP", "SynFlow", "RandomInit", "METHODS"]

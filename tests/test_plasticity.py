@@ -1,0 +1,70 @@
+"""Pruning plasticity study: the grid, the learning rate of the moment, resume."""
+import json
+
+import pytest
+import yaml
+
+from secateurs.cli import main
+from secateurs.errors import ConfigError
+from secateurs.experiments.plasticity import load_plasticity, run_plasticity
+from secateurs.train import load_checkpoint
+
+STUDY = {
+    "name": "pl",
+    "prune_epochs": [1, 2],
+    "ratios": [0.5, 0.9],
+    "continue_epochs": 1,
+    "regeneration": {"every": 5},
+    "base": {
+        "data": {"dataset": "digits", "batch_size": 64, "eval_batch_size": 512},
+        "model": {"name": "lenet300_100"},
+        "train": {"epochs": 3, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+                  "lr_schedule": {"name": "multistep", "milestones": [2], "gamma": 0.1}},
+    },
+}
+
+
+def write(tmp_path, data=STUDY):
+    path = tmp_path / "pl.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_plasticity_grid_uses_the_learning_rate_of_the_moment_and_resumes(tmp_path, capsys):
+    study = load_plasticity(write(tmp_path))
+    result = run_plasticity(study, tmp_path / "runs", progress=False, echo=lambda s: None)
+    cells = result["cells"]
+    assert len(cells) == 2 * 2 * 2
+    for c in cells:
+        assert c["sparsity"] == pytest.approx(c["ratio"], abs=1e-5)
+        assert c["plasticity"] == pytest.approx(c["acc_continue"] - c["acc_pre"])
+    lrs = {c["epoch"]: c["lr"] for c in cells}
+    assert lrs == {1: pytest.approx(0.05), 2: pytest.approx(0.005)}  # the LR decays at epoch 2
+    # acc_pre is the dense network's: identical with and without regeneration
+    for t in (1, 2):
+        for r in (0.5, 0.9):
+            a, b = (next(c for c in cells if (c["epoch"], c["ratio"], c["regeneration"]) == (t, r, g)) for g in (False, True))
+            assert a["acc_pre"] == b["acc_pre"] and a["acc_pruned"] == b["acc_pruned"]
+    snap = load_checkpoint(tmp_path / "runs" / next(p.name for p in (tmp_path / "runs").iterdir() if p.name.startswith("pl-dense")) / "checkpoints" / "epoch-2.pt")
+    assert snap["train_state"]["epoch"] == 2
+    out = tmp_path / "runs" / "pl-plasticity"
+    assert (out / "plasticity.png").stat().st_size > 1000
+    # resume: a finished study recomputes nothing
+    data = json.loads((out / "plasticity.json").read_text())
+    data["cells"] = data["cells"][:5]
+    (out / "plasticity.json").write_text(json.dumps(data))
+    messages = []
+    again = run_plasticity(study, tmp_path / "runs", progress=False, echo=messages.append)
+    assert len(messages) == 3 and len(again["cells"]) == 8
+    assert main(["plasticity", "--config", str(write(tmp_path)), "--runs-dir", str(tmp_path / "runs"), "--no-progress"]) == 0
+    assert "without / with regeneration" in capsys.readouterr().out
+
+
+def test_plasticity_bad_input(tmp_path):
+    with pytest.raises(ConfigError, match="beyond the dense run"):
+        load_plasticity(write(tmp_path, {**STUDY, "prune_epochs": [5]})).experiment()
+    with pytest.raises(ConfigError, match="ratios entry"):
+        load_plasticity(write(tmp_path, {**STUDY, "ratios": [1.0]}))
+    with pytest.raises(ConfigError, match="not shorter"):
+        run_plasticity(load_plasticity(write(tmp_path, {**STUDY, "regeneration": {"every": 10000}})),
+                       tmp_path / "runs", progress=False, echo=lambda s: None)
