@@ -63,6 +63,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .experiments.compare import load_comparison, run_comparison
 
     comparison = load_comparison(args.config)
+    if args.data_root:
+        import dataclasses
+
+        base = dict(comparison.base)
+        base["data"] = {**base.get("data", {}), "root": args.data_root}
+        comparison = dataclasses.replace(comparison, base=base)
     seeds = tuple(args.seeds) if args.seeds else None
     summary = run_comparison(comparison, args.runs_dir, seeds=seeds, progress=not args.no_progress)
     print(f"\n{comparison.name}" + ("" if summary["complete"] else f" — INCOMPLETE, missing: {', '.join(summary['missing'])}"))
@@ -153,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="several methods x seeds on one task: mean +- std table and plot")
     compare.add_argument("--config", type=Path, required=True, help="comparison YAML (see configs/dst_*.yaml)")
     compare.add_argument("--seeds", type=int, nargs="+", help="run only these seeds (split a comparison across processes)")
+    compare.add_argument("--data-root", help="dataset directory / file (overrides base.data.root)")
     compare.add_argument("--runs-dir", default="runs", help="where run directories are created (default: runs)")
     compare.add_argument("--no-progress", action="store_true", help="no progress bars")
     compare.set_defaults(func=cmd_compare)

@@ -1,0 +1,38 @@
+"""Every shipped config loads and validates (names, keys, schedules), without training."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from secateurs.data import DATASETS
+from secateurs.experiments import load_config
+from secateurs.experiments.compare import experiment_configs, load_comparison
+from secateurs.experiments.plasticity import load_plasticity
+from secateurs.methods import METHODS
+from secateurs.models import MODELS
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_is_valid(path):
+    data = yaml.safe_load(path.read_text())
+    if "variants" in data:
+        configs = [c for _, _, c in experiment_configs(load_comparison(path))]
+    elif "prune_epochs" in data:
+        configs = [load_plasticity(path).experiment()]
+    else:
+        configs = [load_config(path)]
+    for config in configs:
+        MODELS.get(config.model.name)
+        DATASETS.get(config.data.dataset)
+        factory = METHODS.get(config.prune.method)
+        if config.prune.params:
+            from secateurs.experiments.sweep import _accepted_params
+
+            assert set(config.prune.params) <= set(_accepted_params(factory)), config.prune.params
+
+
+def test_there_are_configs():
+    names = {p.name for p in CONFIGS}
+    assert {"demo_lenet300_mnist.yaml", "dst_lenet5_fashion.yaml", "granet_cifar10_vgg19.yaml"} <= names
