@@ -13,6 +13,16 @@ from secateurs.resets import reinitialize_, rewind_, shuffle_within_layers, snap
 from secateurs.scores import grasp, snip, synflow
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tests run tiny models: one intra-op thread is faster, and much faster on a busy
+    machine, than contending for cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def two_layer_linear(dtype=torch.float64):
     torch.manual_seed(3)
     return nn.Sequential(nn.Linear(4, 3, bias=False), nn.Linear(3, 2, bias=False)).to(dtype)
@@ -189,6 +199,33 @@ def test_achieved_sparsity_is_exact(method, scope):
     for name, p in weights_of(sp.model).items():
         assert torch.count_nonzero(p[~sp.masks[name]]) == 0
     assert len(sp.history) == 1
+
+
+@pytest.mark.parametrize("pins", [{"keep_dense": ["5.weight"]}, {"layer_sparsity": {"0.weight": 0.5}}])
+def test_synflow_rounds_respect_pinned_layers_and_reach_the_exact_count(pins):
+    sp = SynFlow(small_cnn(), input_shape=(1, 8, 8), rounds=10, **pins)
+    stats = sp.prune(0.9)
+    assert stats["active"] == keep_count(stats["numel"], 0.9)
+    name, sparsity = ("5.weight", 0.0) if "keep_dense" in pins else ("0.weight", 0.5)
+    layer = stats["layers"][name]
+    assert layer["active"] == keep_count(layer["numel"], sparsity)
+    assert sp.history[-1]["rounds"] == 10
+
+
+def test_a_failed_prune_leaves_model_masks_and_history_as_they_were(monkeypatch):
+    import secateurs.methods.at_init as at_init
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(at_init, "reinitialize_", broken)
+    model = small_cnn()
+    before = state(model)
+    sp = SynFlow(model, input_shape=(1, 8, 8), rounds=5, sanity_check="reinit")
+    with pytest.raises(RuntimeError, match="boom"):
+        sp.prune(0.9)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert sp.masks.sparsity() == 0.0 and sp.history == []
 
 
 def test_synflow_keeps_every_layer_of_a_deep_mlp_where_snip_collapses_one():

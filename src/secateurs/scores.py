@@ -119,7 +119,9 @@ def snip(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
 ) -> dict[str, torch.Tensor]:
-    """Connection sensitivity ``|g ⊙ w|`` (Lee et al. 2019, SNIP, Eq. 6).
+    """Connection sensitivity ``|g ⊙ w|`` (Lee et al. 2019, SNIP): the paper's
+    ``s_j = |∂L/∂c_j| / Σ_k |∂L/∂c_k|`` at mask ``c = 1``, with ``∂L/∂c_j = w_j g_j`` for the
+    weight gradient ``g = ∂L/∂w``.
 
     Removing connection ``j`` changes the loss by about ``g_j * w_j`` to first order, so the
     connections whose removal would change the loss least go first. ``g`` is the gradient of
@@ -150,8 +152,8 @@ def grasp(
 ) -> dict[str, torch.Tensor]:
     """Gradient signal preservation, returned as a keep score ``θ ⊙ Hg`` (Wang et al. 2020).
 
-    GraSP (Eq. 8) scores ``S(-θ) = -θ ⊙ Hg``: removing weight ``q`` (``δ = -θ_q e_q``) changes
-    the gradient norm ``gᵀg`` by about ``2 δᵀHg = 2 S_q``, and GraSP removes the weights with
+    GraSP's importance score is ``S(-θ) = -θ ⊙ Hg``: removing weight ``q`` (``δ = -θ_q e_q``)
+    changes the gradient norm ``gᵀg`` by about ``2 δᵀHg = 2 S_q``, and GraSP removes those with
     the *largest* ``S``, whose removal reduces the gradient flow least (or increases it most);
     its reference code keeps the weights with ``S`` at or below the pruning threshold. With
     the library's "higher = keep" convention the score is therefore ``-S = θ ⊙ Hg``: the
@@ -161,10 +163,10 @@ def grasp(
     in the paper) and ``Hg`` the Hessian-gradient product of the same loss, by double backward
     (Pearlmutter's trick: ``Hg = ∇_θ (g_fixedᵀ ∇_θ L)``), batch by batch so memory stays that
     of one batch. The logits are divided by ``temperature`` = 200 before the loss, as in the
-    authors' released code (the paper does not mention it): at initialisation the softmax is
-    nearly uniform and a high temperature keeps the second-order term from being dominated by
-    a few saturated examples. Pass ``temperature=1`` for the plain loss. Dropout draws the
-    same masks in both passes (the RNG is reset between them).
+    authors' released code, which produced the published GraSP numbers (the paper's text does
+    not discuss it; it flattens the softmax and so changes which weights rank high). Pass
+    ``temperature=1`` for the plain loss. Dropout draws the same masks in both passes (the RNG
+    is reset between them).
     """
     if not temperature > 0:
         raise ConfigError(f"grasp temperature must be positive, got {temperature!r}")
@@ -198,23 +200,24 @@ def synflow(
     input_shape: Sequence[int],
     dtype: torch.dtype = torch.float64,
 ) -> dict[str, torch.Tensor]:
-    """Synaptic saliency ``|θ ⊙ dR/dθ|``, data-free (Tanaka et al. 2020, SynFlow, Eq. 2 and
-    Algorithm 1).
+    """Synaptic saliency ``|θ ⊙ dR/dθ|`` with the data-free objective
+    ``R_SF = 1ᵀ (Π_l |θ^[l]|) 1`` (Tanaka et al. 2020, SynFlow, Algorithm 1).
 
     The network is linearised: every floating parameter and buffer is replaced by its absolute
     value (the authors' code does this for the whole state, biases and batch-norm statistics
     included), the input is all ones of shape ``(1, *input_shape)`` and ``R = 1ᵀ f(1; |θ|)``
-    is the sum of the output. ``R`` is a path norm: in a positive network every layer's scores
-    sum to ``R`` (the conservation law of Theorem 1), so a global threshold cannot empty one
-    layer while another keeps its weights -- SynFlow avoids layer collapse when it is iterated
-    (the iteration lives in :class:`secateurs.methods.SynFlow`).
+    is the sum of the output. ``R`` is a path norm, and the scores obey the paper's
+    conservation laws (in a bias-free positive network every layer's scores sum to ``R``), so
+    small layers get large per-weight scores; re-scoring the masked network after each small
+    prune is what avoids layer collapse (the iteration lives in
+    :class:`secateurs.methods.SynFlow`).
 
     Batch norm must use its running statistics: with train-mode batch statistics on a single
     all-ones input the per-channel variance is zero and the score depends on the mode, not the
     weights. So the model is switched to eval mode for scoring and every module's mode is
     restored after. The computation runs in ``float64`` (``dtype``): ``R`` is a product of
-    absolute values over the depth and overflows float32 on deep networks (scores of 1e40 and
-    more on VGG/ResNet). The scores are returned in ``dtype``, unnormalised; rescale them
+    absolute values over the depth and can exceed float32's range (~3.4e38) on deep networks.
+    The scores are returned in ``dtype``, unnormalised; rescale them
     (e.g. by a power of two) before any float32 step. The live model is never modified: the
     linearised values are handed to :func:`torch.func.functional_call`.
     """

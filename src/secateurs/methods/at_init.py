@@ -42,12 +42,12 @@ class _AtInit(Sparsifier):
     timing = "init"
 
     def __init__(self, model, optimizer=None, *, score, scope: str = "global", sanity_check: str | None = None,
-                 reinit_from: str = "reset_parameters", **kwargs):
+                 reinit_from: str | Callable = "reset_parameters", **kwargs):
         if sanity_check is not None and sanity_check not in SANITY_CHECKS:
             raise UnknownNameError(
                 f"unknown sanity_check {sanity_check!r}; known sanity checks: {', '.join(SANITY_CHECKS)} (or None)"
             )
-        if reinit_from not in INITS:
+        if not callable(reinit_from) and reinit_from not in INITS:
             raise UnknownNameError(f"unknown reinit_from {reinit_from!r}; known inits: {', '.join(INITS)}")
         self.sanity_check = sanity_check
         self.reinit_from = reinit_from
@@ -56,13 +56,14 @@ class _AtInit(Sparsifier):
     @torch.no_grad()
     def prune(self, sparsity: float | None = None) -> dict:
         """Prune the network at its current (initial) weights to ``sparsity`` and return the
-        mask stats. On any error the weights, masks and history are restored."""
+        mask stats. On any error the weights, masks, generator and history are restored."""
         target = self.target if sparsity is None else sparsity
         if target is None:
             raise ConfigError(f"no sparsity given: pass prune(sparsity=...) or {type(self).__name__}(sparsity=...)")
         check_sparsity(target)
         names = self.masks.names()
         weights, masks, n_history = snapshot(self.model, names), self.masks.state_dict(), len(self.history)
+        rng = self.generator.get_state()
         try:
             self._prune_at_init(target)
             if self.sanity_check is not None:
@@ -70,6 +71,7 @@ class _AtInit(Sparsifier):
         except BaseException:
             self.masks.load_state_dict(masks)
             rewind_(self.model, weights, names)
+            self.generator.set_state(rng)
             del self.history[n_history:]
             raise
         return self.masks.stats()

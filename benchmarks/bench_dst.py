@@ -1,0 +1,105 @@
+"""Cost of pruning during training: one epoch of ResNet-20 on CIFAR-shaped data, dense vs.
+GMP vs. SET vs. RigL vs. GraNet, as ratios to dense measured side by side in one run.
+
+Every method runs the same steps on the same in-memory batches; the sparse methods pay the
+per-step mask enforcement (one foreach multiply) and, every ``--every`` steps, a mask update
+(GraNet: a global prune and a per-layer drop-and-grow; RigL: drop-and-grow with the dense
+gradient). The model computes densely (PyTorch has no fast unstructured-sparse conv), so the
+ratio is pure bookkeeping overhead; the goal is <= 1.05x. Variants are interleaved in rounds
+of ``--steps`` steps and the median round is reported, so drifting load hits all alike.
+
+Run: ``python benchmarks/bench_dst.py [--quick] [--device cpu|cuda] [--out FILE]``
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from secateurs.methods import GMP, SET, GraNet, RigL
+from secateurs.models import create_model
+
+METHODS = {
+    "dense": None,
+    "gmp": lambda m, o, T, every: GMP(m, o, sparsity=0.9, total_steps=T, every=every, end="50%"),
+    "set": lambda m, o, T, every: SET(m, o, sparsity=0.9, total_steps=T, every=every, end="100%"),
+    "rigl": lambda m, o, T, every: RigL(m, o, sparsity=0.9, total_steps=T, every=every, end="100%"),
+    "granet": lambda m, o, T, every: GraNet(m, o, sparsity=0.9, total_steps=T, every=every, end="100%"),
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=100, help="steps per round (one update per round at --every 100)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--every", type=int, default=100, help="mask update interval (RigL's 100)")
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 20 steps, update every 10 (smoke run)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results_dst.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.steps, args.every = 2, 20, 10
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    base = create_model("resnet20", num_classes=10, in_channels=3, image_size=32)
+    n_batches = 8
+    xs = torch.randn(n_batches, args.batch_size, 3, 32, 32, device=device)
+    ys = torch.randint(0, 10, (n_batches, args.batch_size), device=device)
+    total = args.rounds * args.steps + 1
+    runs = {}
+    for name, factory in METHODS.items():
+        model = copy.deepcopy(base).to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, foreach=True)
+        sparsifier = factory(model, opt, total, args.every) if factory else None
+        runs[name] = (model, opt, sparsifier)
+    # warm-up
+    for model, opt, sp in runs.values():
+        for i in range(3):
+            loss = F.cross_entropy(model(xs[i]), ys[i])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    times: dict[str, list[float]] = {n: [] for n in runs}
+    for _ in range(args.rounds):
+        for name, (model, opt, sp) in runs.items():
+            sync(device)
+            start = time.perf_counter()
+            for i in range(args.steps):
+                loss = F.cross_entropy(model(xs[i % n_batches]), ys[i % n_batches])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if sp is not None:
+                    sp.step()
+            sync(device)
+            times[name].append((time.perf_counter() - start) / args.steps)
+    dense = statistics.median(times["dense"])
+    result = {
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+        "model": "resnet20", "batch_size": args.batch_size, "steps_per_round": args.steps,
+        "rounds": args.rounds, "every": args.every,
+        "step_ms": {n: 1000 * statistics.median(t) for n, t in times.items()},
+        "ratio_to_dense": {n: statistics.median(t) / dense for n, t in times.items()},
+        "updates": {n: len(sp.history) for n, (_, _, sp) in runs.items() if sp is not None},
+    }
+    print(json.dumps(result, indent=2))
+    if not args.quick:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
