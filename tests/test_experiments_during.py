@@ -133,3 +133,39 @@ def test_comparison_rejects_bad_configs(tmp_path):
     path.write_text(yaml.safe_dump({**COMPARISON, "variants": [{"label": "x", "method": "nope"}]}))
     with pytest.raises(Exception, match="unknown method 'nope'"):
         run_comparison(load_comparison(path), tmp_path / "r", progress=False, echo=lambda s: None)
+
+
+@pytest.mark.parametrize("reset", ["rewind", "reinit"])
+def test_reset_after_pruning_restores_init_weights_bit_exactly(tmp_path, monkeypatch, reset):
+    import secateurs.experiments.sweep as sweep
+    from secateurs.data import load_dataset
+
+    captured = {}
+    original = sweep._reset
+
+    def spy(config, model, sparsifier, dataset):
+        original(config, model, sparsifier, dataset)
+        captured["state"] = {k: v.clone() for k, v in model.state_dict().items()}
+        captured["masks"] = {k: m.clone() for k, m in sparsifier.masks.masks.items()}
+
+    monkeypatch.setattr(sweep, "_reset", spy)
+    config, rd, results = run(tmp_path, **{"prune.sparsities": [0.9], "prune.reset": reset, "finetune.epochs": 1})
+    from dataclasses import replace
+
+    digits = load_dataset("digits")
+    init = sweep.build_model(config, digits).state_dict()
+    fresh = sweep.build_model(replace(config, seed=config.seed + 1_000_003), digits).state_dict()
+    expected = init if reset == "rewind" else fresh
+    state, masks = captured["state"], captured["masks"]
+    for name, value in state.items():
+        kept = masks.get(name, torch.ones_like(value, dtype=torch.bool))
+        assert torch.equal(value[kept], expected[name][kept]), name  # bit-equal to the saved start
+        assert torch.count_nonzero(value[~kept]) == 0
+    if reset == "reinit":
+        assert not torch.equal(state["net.1.weight"], init["net.1.weight"] * masks["net.1.weight"])
+    assert results["levels"][1]["active"] == keep_count(results["levels"][1]["numel"], 0.9)
+
+
+def test_unknown_reset_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="unknown prune.reset 'rewnd'; known resets: keep, rewind, reinit"):
+        run(tmp_path, **{"prune.reset": "rewnd"})

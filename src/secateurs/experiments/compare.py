@@ -24,12 +24,14 @@ from .runs import RunDir, atomic_write_text
 
 @dataclass(frozen=True)
 class Variant:
-    """One line of the comparison: ``method`` with ``params`` (and optionally a ``scope``)."""
+    """One line of the comparison: ``method`` with ``params`` (and optionally a ``scope``);
+    ``set`` overrides other config keys for this line only, dotted (``finetune.epochs``)."""
 
     label: str
     method: str
     params: dict[str, Any] = field(default_factory=dict)
     scope: str | None = None
+    set: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ def experiment_configs(comparison: ComparisonConfig, seeds: tuple[int, ...] | No
             }
             if v.scope is not None:
                 overrides["prune.scope"] = v.scope
+            overrides.update(v.set)
             out.append((v.label, seed, _override(comparison.base, overrides)))
     return out
 

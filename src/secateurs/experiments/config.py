@@ -46,6 +46,9 @@ class PhaseConfig:
     label_smoothing: float = 0.0
 
 
+RESETS = ("keep", "rewind", "reinit")
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     """What to prune, how far, and with which method.
@@ -58,6 +61,12 @@ class PruneConfig:
     own hyperparameters (e.g. ``every``, ``drop_fraction``; see ``secateurs list``); ``scope``
     None means the method's default allocation. ``dense_baseline`` trains the dense network
     too (always done for after-training methods, which start from it).
+
+    ``reset`` (after-training methods) sets the weights a pruned network is fine-tuned from:
+    ``keep`` the trained ones (fine-tuning), ``rewind`` to the initialisation (lottery
+    tickets, Frankle & Carbin 2019; with ``cumulative`` this is iterative magnitude pruning)
+    or ``reinit`` to a fresh random initialisation (Scratch-E / Scratch-B, Liu et al. 2019,
+    with ``finetune`` set to the dense schedule or a longer one).
     """
 
     method: str = "magnitude"
@@ -65,6 +74,7 @@ class PruneConfig:
     sparsities: tuple[float, ...] = ()
     params: dict[str, Any] = field(default_factory=dict)
     dense_baseline: bool = True
+    reset: str = "keep"
     cumulative: bool = True
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
@@ -73,6 +83,8 @@ class PruneConfig:
     allow_layer_collapse: bool = False
 
     def __post_init__(self) -> None:
+        if self.reset not in RESETS:
+            raise ConfigError(f"unknown prune.reset {self.reset!r}; known resets: {', '.join(RESETS)}")
         if self.scope is not None and self.scope not in SCOPES:
             raise ConfigError(f"unknown prune.scope {self.scope!r}; known scopes: {', '.join(SCOPES)}")
         for s in self.sparsities:

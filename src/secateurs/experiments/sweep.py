@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -216,7 +217,7 @@ def _run(config: ExperimentConfig, run: RunDir, dataset: ImageDataset, progress:
             previous = ckpt
             continue
         if timing == "after":
-            rows[phase] = _after_training_level(config, run, data, model, macs, target, index, previous, ckpt, log, progress, echo, desc)
+            rows[phase] = _after_training_level(config, run, data, model, macs, target, index, previous, ckpt, log, progress, echo, desc, dataset)
         else:
             rows[phase] = _sparse_training_level(config, run, data, dataset, macs, target, index, timing, ckpt, log, progress, echo, desc)
         _save(run, results, rows, complete=False)
@@ -226,7 +227,19 @@ def _run(config: ExperimentConfig, run: RunDir, dataset: ImageDataset, progress:
     return run.results()
 
 
-def _after_training_level(config, run, data, model, macs, target, index, previous, ckpt, log, progress, echo, desc) -> dict:
+def _reset(config: ExperimentConfig, model, sparsifier: Sparsifier, dataset: ImageDataset) -> None:
+    """Give the pruned network its starting weights (``prune.reset``): the initialisation
+    of this seed (``rewind``) or of an unrelated seed (``reinit``), every parameter and
+    buffer, with the new mask applied."""
+    if config.prune.reset == "keep":
+        return
+    seed = config.seed if config.prune.reset == "rewind" else config.seed + 1_000_003
+    start = build_model(replace(config, seed=seed), dataset).state_dict()
+    model.load_state_dict(start)
+    sparsifier.masks.apply_()
+
+
+def _after_training_level(config, run, data, model, macs, target, index, previous, ckpt, log, progress, echo, desc, dataset) -> dict:
     """Prune the trained network (or the previous level) to ``target`` and fine-tune."""
     phase = f"sparsity-{target:g}"
     start = previous if config.prune.cumulative else run.checkpoint("dense")
@@ -244,6 +257,7 @@ def _after_training_level(config, run, data, model, macs, target, index, previou
         before = float(_read_json(pending).get("acc_before_finetune", math.nan))
     else:
         sparsifier.prune(target)
+        _reset(config, model, sparsifier, dataset)
         before = trainer.evaluate(data.test)["acc"]
         atomic_write_text(pending, json.dumps({"acc_before_finetune": before}))
     history = trainer.fit()
