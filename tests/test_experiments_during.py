@@ -1,4 +1,5 @@
 """The experiment layer with methods that prune during training, and method comparisons."""
+import copy
 import json
 
 import pytest
@@ -23,7 +24,7 @@ BASE = {
 
 
 def run(tmp_path, sub="runs", **overrides):
-    config = load_config(None, {**BASE, "name": "during", **overrides})
+    config = load_config(None, {**copy.deepcopy(BASE), "name": "during", **overrides})
     rd = RunDir.for_config(config, tmp_path / sub)
     return config, rd, run_sweep(config, rd, progress=False, echo=lambda s: None)
 

@@ -5,6 +5,7 @@ values are checked against the field types.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -166,5 +167,5 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"cannot set {key}: {part} is not a section")
-        node[parts[-1]] = value
+        node[parts[-1]] = copy.deepcopy(value)  # never alias (and later mutate) the caller's dicts
     return from_dict(ExperimentConfig, data)
