@@ -168,63 +168,134 @@ def run_sweep(
 
 
 def _run(config: ExperimentConfig, run: RunDir, dataset: ImageDataset, progress: bool, echo) -> dict:
-    results = run.results()
-    data = _Data(config, dataset)
-    model = build_model(config, dataset)
-    timing = METHODS.get(config.prune.method).timing
-    results.update(
-        config_hash=config.short_hash(), model=config.model.name, dataset=dataset.name,
-        method=config.prune.method, timing=timing,
-    )
-    rows: dict[str, dict] = {r["phase"]: r for r in results.get("levels", [])}
-    macs = layer_macs(model, data.example(), list(select_prunable(model, config.prune.include, config.prune.exclude)))
+    return _Sweep(config, run, dataset, progress, echo).run()
 
-    def log(phase: str, sparsity: float) -> Callable[[dict], None]:
-        return lambda record: run.log({"phase": phase, "target_sparsity": sparsity, **record})
 
-    # -- dense training ------------------------------------------------------------------
-    dense_ckpt = run.checkpoint("dense")
-    if timing == "after" or config.prune.dense_baseline:
-        if "dense" in rows and dense_ckpt.is_file():
-            model.load_state_dict(load_checkpoint(dense_ckpt)["model"])
-        else:
-            trainer = Trainer(
-                model, data.train(config.seed * 1000), _train_config(config.train, config, 0),
-                eval_data=data.test, checkpoint_path=dense_ckpt, callbacks=[log("dense", 0.0)],
-                progress=progress, progress_desc="dense",
-            )
-            if trainer.resume():
-                echo(f"resumed dense training at epoch {trainer.state.epoch}/{config.train.epochs}")
-            history = trainer.fit()
-            save_checkpoint(dense_ckpt, trainer.state_dict())
-            final = trainer.evaluate(data.test)
-            rows["dense"] = {
-                "phase": "dense", "target_sparsity": 0.0, "sparsity": 0.0,
-                "acc_before_finetune": final["acc"] if timing == "after" else None,
-                "test_acc": final["acc"], "test_loss": final["loss"],
-                "epochs": len(history), "layers": {}, "flops": _flops(macs, [], 1, {}),
-            }
-            _save(run, results, rows, complete=False)
+class _Sweep:
+    """One sweep's shared context (config, run directory, data, FLOP counts) and its phases."""
 
-    # -- sparsity levels -----------------------------------------------------------------
-    previous = dense_ckpt
-    levels = config.prune.sparsities
-    for index, target in enumerate(levels, start=1):
+    def __init__(self, config: ExperimentConfig, run: RunDir, dataset: ImageDataset, progress: bool, echo):
+        self.config, self.run_dir, self.dataset = config, run, dataset
+        self.progress, self.echo = progress, echo
+        self.data = _Data(config, dataset)
+        self.timing = METHODS.get(config.prune.method).timing
+        probe = build_model(config, dataset)
+        prunable = list(select_prunable(probe, config.prune.include, config.prune.exclude))
+        self.macs = layer_macs(probe, self.data.example(), prunable)
+
+    def _trainer(self, model, phase: str, target: float, train_data, cfg, desc: str, **kwargs) -> Trainer:
+        log = lambda record: self.run_dir.log({"phase": phase, "target_sparsity": target, **record})  # noqa: E731
+        return Trainer(model, train_data, cfg, eval_data=self.data.test, checkpoint_path=self.run_dir.checkpoint(phase),
+                       callbacks=[log], progress=self.progress, progress_desc=desc, **kwargs)
+
+    def run(self) -> dict:
+        config, run = self.config, self.run_dir
+        results = run.results()
+        results.update(
+            config_hash=config.short_hash(), model=config.model.name, dataset=self.dataset.name,
+            method=config.prune.method, timing=self.timing,
+        )
+        rows: dict[str, dict] = {r["phase"]: r for r in results.get("levels", [])}
+        model = build_model(config, self.dataset)
+        if self.timing == "after" or config.prune.dense_baseline:
+            if "dense" in rows and run.checkpoint("dense").is_file():
+                model.load_state_dict(load_checkpoint(run.checkpoint("dense"))["model"])
+            else:
+                rows["dense"] = self.dense(model)
+                _save(run, results, rows, complete=False)
+        previous = run.checkpoint("dense")
+        levels = config.prune.sparsities
+        for index, target in enumerate(levels, start=1):
+            phase = f"sparsity-{target:g}"
+            desc = f"{config.prune.method} {target:g} ({index}/{len(levels)})"
+            if not (phase in rows and run.checkpoint(phase).is_file()):
+                if self.timing == "after":
+                    rows[phase] = self.after_training_level(model, target, index, previous, desc)
+                else:
+                    rows[phase] = self.sparse_training_level(target, index, desc)
+                _save(run, results, rows, complete=False)
+            previous = run.checkpoint(phase)
+        _save(run, results, rows, complete=True)
+        return run.results()
+
+    def dense(self, model) -> dict:
+        config = self.config
+        trainer = self._trainer(model, "dense", 0.0, self.data.train(config.seed * 1000),
+                                _train_config(config.train, config, 0), "dense")
+        if trainer.resume():
+            self.echo(f"resumed dense training at epoch {trainer.state.epoch}/{config.train.epochs}")
+        history = trainer.fit()
+        save_checkpoint(self.run_dir.checkpoint("dense"), trainer.state_dict())
+        final = trainer.evaluate(self.data.test)
+        return {
+            "phase": "dense", "target_sparsity": 0.0, "sparsity": 0.0,
+            "acc_before_finetune": final["acc"] if self.timing == "after" else None,
+            "test_acc": final["acc"], "test_loss": final["loss"],
+            "epochs": len(history), "layers": {}, "flops": _flops(self.macs, [], 1, {}),
+        }
+
+    def after_training_level(self, model, target: float, index: int, previous: Path, desc: str) -> dict:
+        """Prune the trained network (or the previous level) to ``target``, reset the
+        weights per ``prune.reset``, and fine-tune."""
+        config, run = self.config, self.run_dir
         phase = f"sparsity-{target:g}"
-        ckpt = run.checkpoint(phase)
-        desc = f"{config.prune.method} {target:g} ({index}/{len(levels)})"
-        if phase in rows and ckpt.is_file():
-            previous = ckpt
-            continue
-        if timing == "after":
-            rows[phase] = _after_training_level(config, run, data, model, macs, target, index, previous, ckpt, log, progress, echo, desc, dataset)
+        start = previous if config.prune.cumulative else run.checkpoint("dense")
+        optimizer = build_optimizer(model, config.finetune.optimizer)
+        sparsifier = build_sparsifier(config, model, optimizer)
+        _load_start(model, sparsifier, start)
+        trainer = self._trainer(model, phase, target, self.data.train(config.seed * 1000 + index),
+                                _train_config(config.finetune, config, index), desc,
+                                optimizer=optimizer, sparsifier=sparsifier)
+        pending = run.path / f".{phase}.pruned.json"
+        if trainer.resume():
+            self.echo(f"resumed {phase} at epoch {trainer.state.epoch}/{config.finetune.epochs}")
+            before = float(_read_json(pending).get("acc_before_finetune", math.nan))
         else:
-            rows[phase] = _sparse_training_level(config, run, data, dataset, macs, target, index, timing, ckpt, log, progress, echo, desc)
-        _save(run, results, rows, complete=False)
-        previous = ckpt
+            sparsifier.prune(target)
+            _reset(config, model, sparsifier, self.dataset)
+            before = trainer.evaluate(self.data.test)["acc"]
+            atomic_write_text(pending, json.dumps({"acc_before_finetune": before}))
+        history = trainer.fit()
+        save_checkpoint(run.checkpoint(phase), trainer.state_dict())
+        row = _level_row(phase, target, trainer, sparsifier, self.data, history, before)
+        # the training cost is dense pre-training plus fine-tuning; only the inference share
+        # is a property of the method here
+        row["flops"] = {"inference": inference_flops(self.macs, _densities(sparsifier))["fraction"], "training": None}
+        pending.unlink(missing_ok=True)
+        return row
 
-    _save(run, results, rows, complete=True)
-    return run.results()
+    def sparse_training_level(self, target: float, index: int, desc: str) -> dict:
+        """Train from the seed's initialisation with the sparsifier: pruned once at init
+        (``init``) or along the method's own schedule (``during``)."""
+        config = self.config
+        phase = f"sparsity-{target:g}"
+        model = build_model(config, self.dataset).to(self.data.device)  # the same init for every level
+        optimizer = build_optimizer(model, config.train.optimizer)
+        train_data = self.data.train(config.seed * 1000 + index)
+        total = len(train_data) * config.train.epochs
+        sparsifier = build_sparsifier(
+            config, model, optimizer, sparsity=target, total_steps=total,
+            steps_per_epoch=len(train_data), batches=self.data.probe,
+        )
+        trainer = self._trainer(model, phase, target, train_data, _train_config(config.train, config, index), desc,
+                                optimizer=optimizer, sparsifier=sparsifier)
+        if trainer.resume():
+            self.echo(f"resumed {phase} at epoch {trainer.state.epoch}/{config.train.epochs}")
+        elif self.timing == "init":
+            sparsifier.prune(target)
+        history = trainer.fit()
+        save_checkpoint(self.run_dir.checkpoint(phase), trainer.state_dict())
+        row = _level_row(phase, target, trainer, sparsifier, self.data, history, None)
+        fixed = config.prune.keep_dense or config.prune.layer_sparsity
+        if abs(row["sparsity"] - target) > 0.5 / row["numel"] + 1e-12 and not fixed:
+            raise SparsityMismatchError(
+                f"{config.prune.method} ended {phase} at sparsity {row['sparsity']:.6f}, not the target {target}; "
+                "its schedule must reach the target before training ends (check prune.params end / every)"
+            )
+        initial = {n: 1.0 for n in self.macs}
+        row["flops"] = _flops(self.macs, sparsifier.history, total, _densities(sparsifier), initial)
+        row["updates"] = sum(1 for h in sparsifier.history if h["kind"] != "init")
+        return row
 
 
 def _reset(config: ExperimentConfig, model, sparsifier: Sparsifier, dataset: ImageDataset) -> None:
@@ -237,73 +308,6 @@ def _reset(config: ExperimentConfig, model, sparsifier: Sparsifier, dataset: Ima
     start = build_model(replace(config, seed=seed), dataset).state_dict()
     model.load_state_dict(start)
     sparsifier.masks.apply_()
-
-
-def _after_training_level(config, run, data, model, macs, target, index, previous, ckpt, log, progress, echo, desc, dataset) -> dict:
-    """Prune the trained network (or the previous level) to ``target`` and fine-tune."""
-    phase = f"sparsity-{target:g}"
-    start = previous if config.prune.cumulative else run.checkpoint("dense")
-    optimizer = build_optimizer(model, config.finetune.optimizer)
-    sparsifier = build_sparsifier(config, model, optimizer)
-    _load_start(model, sparsifier, start)
-    trainer = Trainer(
-        model, data.train(config.seed * 1000 + index), _train_config(config.finetune, config, index),
-        optimizer=optimizer, sparsifier=sparsifier, eval_data=data.test, checkpoint_path=ckpt,
-        callbacks=[log(phase, target)], progress=progress, progress_desc=desc,
-    )
-    pending = run.path / f".{phase}.pruned.json"
-    if trainer.resume():
-        echo(f"resumed {phase} at epoch {trainer.state.epoch}/{config.finetune.epochs}")
-        before = float(_read_json(pending).get("acc_before_finetune", math.nan))
-    else:
-        sparsifier.prune(target)
-        _reset(config, model, sparsifier, dataset)
-        before = trainer.evaluate(data.test)["acc"]
-        atomic_write_text(pending, json.dumps({"acc_before_finetune": before}))
-    history = trainer.fit()
-    save_checkpoint(ckpt, trainer.state_dict())
-    row = _level_row(phase, target, trainer, sparsifier, data, history, before)
-    # training cost is dense pre-training plus fine-tuning; only the inference share is a
-    # property of the method here
-    row["flops"] = {"inference": inference_flops(macs, _densities(sparsifier))["fraction"], "training": None}
-    pending.unlink(missing_ok=True)
-    return row
-
-
-def _sparse_training_level(config, run, data, dataset, macs, target, index, timing, ckpt, log, progress, echo, desc) -> dict:
-    """Train from the seed's initialisation with the sparsifier: pruned once at init
-    (``init``) or along the method's own schedule (``during``)."""
-    phase = f"sparsity-{target:g}"
-    model = build_model(config, dataset)  # the same initial weights for every level
-    model.to(data.device)
-    optimizer = build_optimizer(model, config.train.optimizer)
-    train_data = data.train(config.seed * 1000 + index)
-    total = len(train_data) * config.train.epochs
-    sparsifier = build_sparsifier(
-        config, model, optimizer, sparsity=target, total_steps=total,
-        steps_per_epoch=len(train_data), batches=data.probe,
-    )
-    trainer = Trainer(
-        model, train_data, _train_config(config.train, config, index), optimizer=optimizer,
-        sparsifier=sparsifier, eval_data=data.test, checkpoint_path=ckpt,
-        callbacks=[log(phase, target)], progress=progress, progress_desc=desc,
-    )
-    if trainer.resume():
-        echo(f"resumed {phase} at epoch {trainer.state.epoch}/{config.train.epochs}")
-    elif timing == "init":
-        sparsifier.prune(target)
-    history = trainer.fit()
-    save_checkpoint(ckpt, trainer.state_dict())
-    row = _level_row(phase, target, trainer, sparsifier, data, history, None)
-    if abs(row["sparsity"] - target) > 0.5 / row["numel"] + 1e-12 and not (config.prune.keep_dense or config.prune.layer_sparsity):
-        raise SparsityMismatchError(
-            f"{config.prune.method} ended {phase} at sparsity {row['sparsity']:.6f}, not the target {target}; "
-            "its schedule must reach the target before training ends (check prune.params end / every)"
-        )
-    initial = {n: 1.0 for n in macs}
-    row["flops"] = _flops(macs, sparsifier.history, total, _densities(sparsifier), initial)
-    row["updates"] = sum(1 for h in sparsifier.history if h["kind"] != "init")
-    return row
 
 
 def _level_row(phase, target, trainer, sparsifier, data, history, before) -> dict:
