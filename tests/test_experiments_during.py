@@ -102,7 +102,7 @@ def test_comparison_aggregates_seeds_and_reuses_runs(tmp_path, capsys):
         ("dense", 0), ("GMP", 0), ("SET", 0), ("dense", 1), ("GMP", 1), ("SET", 1)]
     # split across "processes" by seed, then aggregate by running the whole thing again
     partial = run_comparison(comparison, tmp_path / "runs", seeds=(0,), progress=False, echo=lambda s: None)
-    assert not partial["complete"] and "GMP seed 1" in partial["missing"]
+    assert not partial["complete"] and "GMP seed 1 sparsity-0.9" in partial["missing"]
     messages = []
     summary = run_comparison(comparison, tmp_path / "runs", progress=False, echo=messages.append)
     assert summary["complete"]
@@ -170,3 +170,18 @@ def test_reset_after_pruning_restores_init_weights_bit_exactly(tmp_path, monkeyp
 def test_unknown_reset_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="unknown prune.reset 'rewnd'; known resets: keep, rewind, reinit"):
         run(tmp_path, **{"prune.reset": "rewnd"})
+
+
+def test_a_diverged_run_does_not_stop_the_comparison(tmp_path):
+    data = {**COMPARISON, "seeds": [0], "variants": [
+        {"label": "boom", "method": "gmp", "params": {"every": 10}, "set": {"train.optimizer.lr": 1.0e30}},
+        COMPARISON["variants"][1],
+    ]}
+    path = tmp_path / "cmp.yaml"
+    path.write_text(yaml.safe_dump(data))
+    messages = []
+    summary = run_comparison(load_comparison(path), tmp_path / "runs", progress=False, echo=messages.append)
+    assert summary["diverged"] == ["boom seed 0"]
+    assert any("diverged, continuing" in m for m in messages)
+    methods = {r["method"] for r in summary["rows"]}
+    assert methods == {"dense", "SET"} and "boom seed 0 sparsity-0.9" in summary["missing"]

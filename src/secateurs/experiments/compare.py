@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import yaml
 
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteLossError
 from ..typed_config import from_dict
 from .config import ExperimentConfig
 from .runs import RunDir, atomic_write_text
@@ -122,11 +122,19 @@ def run_comparison(
     if dataset is None:
         first = runs[0][2]
         dataset = load_dataset(first.data.dataset, first.data.root)
+    failed = []
     for i, (label, seed, config) in enumerate(runs, start=1):
         run = RunDir.for_config(config, runs_dir)
         echo(f"[{i}/{len(runs)}] {label} seed {seed}: {run.path}")
-        run_sweep(config, run, progress=progress, echo=echo, dataset=dataset)
-    return aggregate(comparison, runs_dir)
+        try:
+            run_sweep(config, run, progress=progress, echo=echo, dataset=dataset)
+        except NonFiniteLossError as e:
+            # a diverged run is a result, not a reason to stop the other runs
+            failed.append(f"{label} seed {seed}")
+            echo(f"  diverged, continuing with the next run: {e}")
+    summary = aggregate(comparison, runs_dir)
+    summary["diverged"] = failed
+    return summary
 
 
 def aggregate(comparison: ComparisonConfig, runs_dir: str | Path) -> dict:
@@ -137,12 +145,13 @@ def aggregate(comparison: ComparisonConfig, runs_dir: str | Path) -> dict:
     for label, seed, config in experiment_configs(comparison):
         run = RunDir.for_config(config, runs_dir)
         results = run.results() if run.results_path.is_file() else {}
-        if not results.get("complete"):
-            missing.append(f"{label} seed {seed}")
-            continue
-        for row in results["levels"]:
-            if label != "dense" and row["phase"] == "dense":
+        finished = {row["phase"]: row for row in results.get("levels", [])}
+        wanted = ["dense"] if label == "dense" else [f"sparsity-{t:g}" for t in config.prune.sparsities]
+        for phase in wanted:
+            if phase not in finished:  # levels finish one by one: use those that did
+                missing.append(f"{label} seed {seed} {phase}")
                 continue
+            row = finished[phase]
             cells.setdefault((label, row["target_sparsity"]), []).append({**row, "seed": seed})
     table = []
     for (label, target), rows in sorted(cells.items(), key=lambda kv: (kv[0][1], _order(comparison, kv[0][0]))):
