@@ -240,3 +240,16 @@ def test_a_run_directory_is_used_by_one_process_at_a_time(tmp_path):
         holder.wait()
     # the kernel drops the lock of a killed process: the run proceeds
     assert run_sweep(config, run, progress=False, echo=lambda s: None)["complete"]
+
+
+def test_a_run_written_before_an_option_existed_still_resumes(tmp_path):
+    config = load_config(write_config(tmp_path))
+    run = RunDir.for_config(config, tmp_path / "runs")
+    run.bind(config)
+    saved = yaml.safe_load(run.config_path.read_text())
+    del saved["prune"]["reset"]  # as written by a version without prune.reset
+    run.config_path.write_text(yaml.safe_dump(saved))
+    run.bind(config)  # no "different config" error
+    changed = load_config(write_config(tmp_path), {"prune.reset": "rewind"})
+    with pytest.raises(ConfigError, match="prune.reset"):
+        run.bind(changed)

@@ -174,7 +174,8 @@ def test_unknown_reset_is_refused(tmp_path):
 
 def test_a_diverged_run_does_not_stop_the_comparison(tmp_path):
     data = {**COMPARISON, "seeds": [0], "variants": [
-        {"label": "boom", "method": "gmp", "params": {"every": 10}, "set": {"train.optimizer.lr": 1.0e30}},
+        {"label": "boom", "method": "gmp", "params": {"every": 5, "start": "1ep", "end": "90%"},
+         "set": {"train.optimizer.lr": 1.0e30}},  # the NaN is caught at the end of epoch 1, before pruning
         COMPARISON["variants"][1],
     ]}
     path = tmp_path / "cmp.yaml"

@@ -62,6 +62,8 @@ class RunDir:
         """Claim the directory for ``config``; refuse if it holds a run of another config."""
         saved = self.saved_config()
         mine = config.to_dict()
+        if saved is not None:
+            saved = _with_defaults(saved)
         if saved is not None and saved != mine:
             changed = sorted(_flat_keys(_diff(mine, saved)) | _flat_keys(_diff(saved, mine)))
             raise ConfigError(
@@ -138,3 +140,14 @@ def _flat_keys(d: dict, prefix: str = "") -> set[str]:
         else:
             out.add(prefix + k)
     return out
+
+
+def _with_defaults(saved: dict) -> dict:
+    """A saved config as the current code reads it: options added since it was written take
+    their defaults, so a new option never orphans an existing run (as the hash promises)."""
+    from ..typed_config import from_dict
+
+    try:
+        return from_dict(ExperimentConfig, saved).to_dict()
+    except ConfigError:
+        return saved  # not readable any more: compare as written, the error names the keys
