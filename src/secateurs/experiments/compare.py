@@ -160,6 +160,7 @@ def aggregate(comparison: ComparisonConfig, runs_dir: str | Path) -> dict:
         table.append({
             "method": label, "target_sparsity": target, "seeds": [r["seed"] for r in rows],
             "test_acc_mean": statistics.fmean(accs), "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "test_acc_median": statistics.median(accs), "test_acc_min": min(accs),
             "sparsity": statistics.fmean(r["sparsity"] for r in rows),
             "inference_flops": _mean([f.get("inference") for f in flops]),
             "training_flops": _mean([f.get("training") for f in flops]),
@@ -195,17 +196,18 @@ def _mean(values):
 
 
 def format_markdown(table: list[dict]) -> str:
-    """Sparsity x method table: accuracy mean +- std (n seeds), FLOPs as fractions of dense."""
+    """Sparsity x method table: accuracy mean +- std and median (n seeds; the median shows
+    when one seed failed to train), FLOPs as fractions of dense."""
     lines = [
-        "| sparsity | method | test acc. (%) | seeds | inference FLOPs | training FLOPs |",
-        "|---|---|---|---|---|---|",
+        "| sparsity | method | test acc. (%) | median | seeds | inference FLOPs | training FLOPs |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in table:
         def frac(v):
             return "-" if v is None else f"{v:.3f}x"
         lines.append(
             f"| {100 * r['target_sparsity']:g}% | {r['method']} | {100 * r['test_acc_mean']:.2f} ± "
-            f"{100 * r['test_acc_std']:.2f} | {len(r['seeds'])} | {frac(r['inference_flops'])} | {frac(r['training_flops'])} |"
+            f"{100 * r['test_acc_std']:.2f} | {100 * r['test_acc_median']:.2f} | {len(r['seeds'])} | {frac(r['inference_flops'])} | {frac(r['training_flops'])} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -216,7 +218,8 @@ def _csv(table: list[dict]) -> str:
 
     buf = io.StringIO()
     w = csv.writer(buf)
-    cols = ["method", "target_sparsity", "sparsity", "test_acc_mean", "test_acc_std", "inference_flops", "training_flops"]
+    cols = ["method", "target_sparsity", "sparsity", "test_acc_mean", "test_acc_std", "test_acc_median",
+            "test_acc_min", "inference_flops", "training_flops"]
     w.writerow(cols + ["seeds"])
     for r in table:
         w.writerow([r[c] if r[c] is not None else "" for c in cols] + [" ".join(map(str, r["seeds"]))])
