@@ -126,10 +126,18 @@ def cmd_list(args: argparse.Namespace) -> int:
     from .models import MODELS
     from .schedules import SCHEDULES
 
+    from .experiments.sweep import _accepted_params
+
     for title, registry in (("methods", METHODS), ("models", MODELS), ("datasets", DATASETS)):
         print(f"{title}:")
         for entry in registry:
             print(f"  {entry.name:<16} {entry.description}")
+            if registry is METHODS:
+                params = ", ".join(_accepted_params(entry.obj))
+                print(f"  {'':<16} prunes {entry.obj.timing} training" if entry.obj.timing != "init"
+                      else f"  {'':<16} prunes at initialisation")
+                if params:
+                    print(f"  {'':<16} prune.params: {params}")
     print(f"scopes:\n  {', '.join(SCOPES)}")
     print(f"schedules:\n  {', '.join(SCHEDULES)}")
     return 0

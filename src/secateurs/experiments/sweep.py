@@ -123,20 +123,21 @@ _SHARED = {"model", "optimizer", "sparsity", "total_steps", "steps_per_epoch", "
 
 
 def _accepted_params(factory) -> list[str]:
-    """The method's own hyperparameters (those ``prune.params`` may set), from its signature
-    and, when it forwards ``**kwargs``, the base sparsifier's."""
+    """The method's own hyperparameters (those ``prune.params`` may set): the keyword
+    parameters its recipe classes declare. The base sparsifier's plumbing (score, schedules,
+    initial mask) is the recipe's business, not the config's."""
     import inspect
 
     names: list[str] = []
     for cls in factory.__mro__:
+        if cls is Sparsifier or cls is object:
+            break
         init = cls.__dict__.get("__init__")
         if init is None:
             continue
         params = inspect.signature(init).parameters
-        names += [n for n, v in params.items() if v.kind is v.KEYWORD_ONLY or v.kind is v.POSITIONAL_OR_KEYWORD]
-        if not any(v.kind is v.VAR_KEYWORD for v in params.values()):
-            break
-    return [n for n in dict.fromkeys(names) if n not in _SHARED and n not in ("score", "schedule", "regrowth", "swap_schedule", "types")]
+        names += [n for n, v in params.items() if v.kind in (v.KEYWORD_ONLY, v.POSITIONAL_OR_KEYWORD)]
+    return [n for n in dict.fromkeys(names) if n not in _SHARED and n not in ("score", "types")]
 
 
 def run_sweep(
