@@ -40,6 +40,27 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def update_cost_ms(name: str, base, x, y, total: int, every: int, repeats: int = 5) -> float:
+    """Median wall time of one ``sparsifier.step()`` that performs a mask update (prune and/or
+    swap), after a real backward so the dense gradient is there; amortised over ``every``."""
+    model = copy.deepcopy(base).to(x.device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, foreach=True)
+    sp = METHODS[name](model, opt, total, every)
+    times = []
+    for k in range(1, repeats + 1):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sp.steps = k * every - 1  # the next step() is an update step
+        sync(x.device)
+        start = time.perf_counter()
+        sp.step()
+        sync(x.device)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -48,6 +69,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--every", type=int, default=100, help="mask update interval (RigL's 100)")
     parser.add_argument("--quick", action="store_true", help="2 rounds of 20 steps, update every 10 (smoke run)")
+    parser.add_argument("--update-only", action="store_true", help="only the per-update cost (fast)")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results_dst.json"))
     args = parser.parse_args()
     if args.quick:
@@ -59,6 +81,10 @@ def main() -> None:
     xs = torch.randn(n_batches, args.batch_size, 3, 32, 32, device=device)
     ys = torch.randint(0, 10, (n_batches, args.batch_size), device=device)
     total = args.rounds * args.steps + 1
+    update_ms = {n: update_cost_ms(n, base, xs[0], ys[0], 10 * args.every, args.every) for n in METHODS if n != "dense"}
+    if args.update_only:
+        print(json.dumps({"update_ms": update_ms}, indent=2))
+        return
     runs = {}
     for name, factory in METHODS.items():
         model = copy.deepcopy(base).to(device)
@@ -95,6 +121,8 @@ def main() -> None:
         "step_ms": {n: 1000 * statistics.median(t) for n, t in times.items()},
         "ratio_to_dense": {n: statistics.median(t) / dense for n, t in times.items()},
         "updates": {n: len(sp.history) for n, (_, _, sp) in runs.items() if sp is not None},
+        "update_ms": update_ms,
+        "update_share_of_dense_steps": {n: ms / (args.every * 1000 * dense) for n, ms in update_ms.items()},
     }
     print(json.dumps(result, indent=2))
     if not args.quick:

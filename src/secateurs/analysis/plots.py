@@ -61,29 +61,38 @@ def plot_layer_sparsity(rows: Sequence[dict], path: str | Path, title: str = "")
 
 
 def plot_method_comparison(
-    series: Mapping[str, Sequence[tuple[float, float, float]]], path: str | Path, title: str = "",
-    dense: tuple[float, float] | None = None,
+    series: Mapping[str, Sequence[tuple[float, float, float, float]]], path: str | Path, title: str = "",
+    dense: float | None = None,
 ) -> Path:
     """Accuracy vs. weights remaining for several methods: ``series[method]`` is a list of
-    ``(sparsity, mean accuracy, std)`` (fractions); ``dense`` is the dense (mean, std)."""
+    ``(sparsity, median, min, max)`` accuracy over seeds (fractions); ``dense`` the dense
+    median. Medians with min-max whiskers: one seed that fails to train shows as a long
+    whisker instead of dragging a mean down. The y axis fits the medians (whiskers may be cut)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
     ticks: set[float] = set()
-    for method, points in series.items():
+    medians = []
+    for i, (method, points) in enumerate(series.items()):
         points = sorted(points)
-        x = [100 * (1 - s) for s, _, _ in points]
-        ticks.update(x)
-        ax.errorbar(x, [100 * m for _, m, _ in points], yerr=[100 * e for _, _, e in points],
-                    marker="o", capsize=3, label=method)
+        x = [100 * (1 - s) * (1 + 0.012 * (i - len(series) / 2)) for s, *_ in points]  # dodge
+        ticks.update(100 * (1 - s) for s, *_ in points)
+        med = [100 * m for _, m, _, _ in points]
+        medians += med
+        low = [100 * (m - lo) for _, m, lo, _ in points]
+        high = [100 * (hi - m) for _, m, _, hi in points]
+        ax.errorbar(x, med, yerr=[low, high], marker="o", capsize=3, label=method)
     if dense is not None:
-        ax.axhline(100 * dense[0], color="k", linestyle=":", label="dense")
+        ax.axhline(100 * dense, color="k", linestyle=":", label="dense")
+        medians.append(100 * dense)
+    if medians:
+        ax.set_ylim(min(medians) - 3, max(medians) + 1.5)
     ax.set_xscale("log")
     ax.invert_xaxis()
     ax.set_xticks(sorted(ticks))
     ax.set_xticklabels([f"{v:.3g}" for v in sorted(ticks)])
     ax.minorticks_off()
     ax.set_xlabel("weights remaining (%)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("test accuracy (%), median and min-max over seeds")
     ax.set_title(title or "accuracy vs. sparsity")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)

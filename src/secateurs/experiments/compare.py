@@ -160,7 +160,7 @@ def aggregate(comparison: ComparisonConfig, runs_dir: str | Path) -> dict:
         table.append({
             "method": label, "target_sparsity": target, "seeds": [r["seed"] for r in rows],
             "test_acc_mean": statistics.fmean(accs), "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            "test_acc_median": statistics.median(accs), "test_acc_min": min(accs),
+            "test_acc_median": statistics.median(accs), "test_acc_min": min(accs), "test_acc_max": max(accs),
             "sparsity": statistics.fmean(r["sparsity"] for r in rows),
             "inference_flops": _mean([f.get("inference") for f in flops]),
             "training_flops": _mean([f.get("training") for f in flops]),
@@ -177,9 +177,10 @@ def aggregate(comparison: ComparisonConfig, runs_dir: str | Path) -> dict:
         dense = None
         for r in table:
             if r["method"] == "dense":
-                dense = (r["test_acc_mean"], r["test_acc_std"])
+                dense = r["test_acc_median"]
             else:
-                series.setdefault(r["method"], []).append((r["sparsity"], r["test_acc_mean"], r["test_acc_std"]))
+                series.setdefault(r["method"], []).append(
+                    (r["sparsity"], r["test_acc_median"], r["test_acc_min"], r["test_acc_max"]))
         plot_method_comparison(series, out_dir / "accuracy_vs_sparsity.png", comparison.name, dense)
     summary["dir"] = str(out_dir)
     return summary
@@ -219,7 +220,7 @@ def _csv(table: list[dict]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     cols = ["method", "target_sparsity", "sparsity", "test_acc_mean", "test_acc_std", "test_acc_median",
-            "test_acc_min", "inference_flops", "training_flops"]
+            "test_acc_min", "test_acc_max", "inference_flops", "training_flops"]
     w.writerow(cols + ["seeds"])
     for r in table:
         w.writerow([r[c] if r[c] is not None else "" for c in cols] + [" ".join(map(str, r["seeds"]))])
