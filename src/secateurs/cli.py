@@ -194,6 +194,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SecateursError as e:
         print(f"secateurs: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `secateurs list | head`: the reader left, nothing to report
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("\nsecateurs: interrupted; re-run the same command to resume from the last epoch", file=sys.stderr)
         return 130
