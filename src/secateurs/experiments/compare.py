@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
 
 from ..errors import ConfigError, NonFiniteLossError
 from ..typed_config import from_dict
-from .config import ExperimentConfig
+from .config import ExperimentConfig, apply_overrides, read_yaml
 from .runs import RunDir, atomic_write_text
 
 
@@ -53,26 +52,12 @@ class ComparisonConfig:
 
 
 def load_comparison(path: str | Path) -> ComparisonConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"comparison config {path} does not exist; see configs/ for examples")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"comparison config {path} is not valid YAML: {e}") from None
-    return from_dict(ComparisonConfig, data)
+    return from_dict(ComparisonConfig, read_yaml(path, "comparison config"))
 
 
 def _override(base: dict, overrides: dict) -> ExperimentConfig:
     """The base experiment with dotted overrides, validated like any config."""
-    merged = json.loads(json.dumps(base))
-    for key, value in overrides.items():
-        node = merged
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return from_dict(ExperimentConfig, merged)
+    return from_dict(ExperimentConfig, apply_overrides(base, overrides))
 
 
 def experiment_configs(comparison: ComparisonConfig, seeds: tuple[int, ...] | None = None) -> list[tuple[str, int, ExperimentConfig]]:

@@ -149,23 +149,36 @@ def _diff(a: dict, b: dict) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
-    """Read a YAML config (or the defaults) and apply dotted overrides like ``train.epochs``."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; see configs/ for examples")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-    for key, value in (overrides or {}).items():
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
+def read_yaml(path: str | Path, what: str = "config", example: str = "configs/") -> dict:
+    """A YAML file as a dict; a missing or malformed file is one clear ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} file {path} does not exist; see {example} for examples")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} file {path} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict:
+    """A copy of ``data`` with dotted overrides (``train.epochs: 3``) applied; the inputs are
+    never aliased or mutated."""
+    out = copy.deepcopy(dict(data))
+    for key, value in overrides.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"cannot set {key}: {part} is not a section")
-        node[parts[-1]] = copy.deepcopy(value)  # never alias (and later mutate) the caller's dicts
-    return from_dict(ExperimentConfig, data)
+        node[leaf] = copy.deepcopy(value)
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
+    """Read a YAML config (or the defaults) and apply dotted overrides like ``train.epochs``."""
+    data = read_yaml(path) if path is not None else {}
+    return from_dict(ExperimentConfig, apply_overrides(data, overrides or {}))

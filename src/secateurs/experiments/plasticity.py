@@ -18,12 +18,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-import yaml
 
 from ..errors import ConfigError
 from ..typed_config import from_dict
-from .config import ExperimentConfig
+from .config import ExperimentConfig, read_yaml
 from .runs import RunDir, atomic_write_text
 
 
@@ -69,14 +67,7 @@ class PlasticityConfig:
 
 
 def load_plasticity(path: str | Path) -> PlasticityConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"plasticity config {path} does not exist; see configs/plasticity_*.yaml")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"plasticity config {path} is not valid YAML: {e}") from None
-    return from_dict(PlasticityConfig, data)
+    return from_dict(PlasticityConfig, read_yaml(path, "plasticity config", "configs/plasticity_*.yaml"))
 
 
 def run_plasticity(

@@ -60,11 +60,12 @@ def _swap_schedule(self: _DuringTraining, drop_fraction: float, every, end, star
     )
 
 
-@METHODS.register("set", "sparse evolutionary training: ERK mask, drop |w|, regrow random (Mocanu et al. 2018)")
-class SET(_DuringTraining):
-    """SET (Mocanu et al. 2018): a fixed-sparsity random ERK network whose smallest-magnitude
-    connections are replaced by random ones; the drop fraction is cosine-decayed as in the
-    RigL paper's SET baseline (``drop_fraction_min = drop_fraction`` keeps it constant)."""
+class _ConstantSparsitySwaps(_DuringTraining):
+    """SET and RigL share everything but the regrowth rule: a random ERK mask at the target
+    sparsity, then every ``every`` steps until ``end`` a swap of ``drop_fraction``
+    (cosine-decayed to ``drop_fraction_min``) of each layer's smallest-magnitude weights."""
+
+    rule: type = RandomRegrowth
 
     def __init__(self, model, optimizer=None, *, sparsity: float, total_steps: int, steps_per_epoch: int | None = None,
                  drop_fraction: float = 0.3, drop_fraction_min: float = 0.0, every=100, end="75%",
@@ -72,27 +73,28 @@ class SET(_DuringTraining):
         self._length(total_steps, steps_per_epoch)
         super().__init__(
             model, optimizer, score=magnitude, sparsity=sparsity, scope=scope, schedule=Constant(sparsity),
-            initial_sparsity=sparsity, initial_scope=scope, regrowth=RandomRegrowth(),
+            initial_sparsity=sparsity, initial_scope=scope, regrowth=self.rule(),
             swap_schedule=_swap_schedule(self, drop_fraction, every, end, minimum=drop_fraction_min), **kwargs,
         )
 
 
+@METHODS.register("set", "sparse evolutionary training: ERK mask, drop |w|, regrow random (Mocanu et al. 2018)")
+class SET(_ConstantSparsitySwaps):
+    """SET (Mocanu et al. 2018): a fixed-sparsity random ERK network whose smallest-magnitude
+    connections are replaced by random ones; the drop fraction is cosine-decayed as in the
+    RigL paper's SET baseline (``drop_fraction_min = drop_fraction`` keeps it constant)."""
+
+    rule = RandomRegrowth
+
+
 @METHODS.register("rigl", "rigged lottery: ERK mask, drop |w|, regrow by dense gradient (Evci et al. 2020)")
-class RigL(_DuringTraining):
+class RigL(_ConstantSparsitySwaps):
     """RigL (Evci et al. 2020): every ``every`` = 100 steps drop ``drop_fraction`` = 0.3
     (cosine-decayed) of each layer's smallest-magnitude weights and regrow as many where the
     dense gradient is largest; updates stop at ``end`` = 75% of training. Regrown weights
     and their momentum start at zero."""
 
-    def __init__(self, model, optimizer=None, *, sparsity: float, total_steps: int, steps_per_epoch: int | None = None,
-                 drop_fraction: float = 0.3, drop_fraction_min: float = 0.0, every=100, end="75%",
-                 scope: str = "erk", **kwargs):
-        self._length(total_steps, steps_per_epoch)
-        super().__init__(
-            model, optimizer, score=magnitude, sparsity=sparsity, scope=scope, schedule=Constant(sparsity),
-            initial_sparsity=sparsity, initial_scope=scope, regrowth=GradientRegrowth(),
-            swap_schedule=_swap_schedule(self, drop_fraction, every, end, minimum=drop_fraction_min), **kwargs,
-        )
+    rule = GradientRegrowth
 
 
 @METHODS.register("granet", "gradual global magnitude pruning + zero-cost neuroregeneration (Liu et al. 2021)")
