@@ -21,6 +21,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .registry import Registry
+from .scores import random as random_scores
 
 
 @dataclass
@@ -59,7 +60,7 @@ class RegrowthRule:
 @REGROWTH.register("random", "uniformly random among pruned connections (SET)")
 class RandomRegrowth(RegrowthRule):
     def scores(self, ctx: GrowContext) -> dict[str, torch.Tensor]:
-        return regrow_random(ctx.weights, ctx.generator)
+        return random_scores(ctx.weights, ctx.generator)  # the shared random score
 
 
 @REGROWTH.register("gradient", "largest dense-gradient magnitude (RigL, GraNet)")
@@ -105,11 +106,6 @@ def build_regrowth(rule: str | RegrowthRule, **params) -> RegrowthRule:
 
 
 # -- the score functions ------------------------------------------------------------------
-def regrow_random(weights: Mapping[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Uniform noise drawn on CPU (identical on every device and DDP rank for one seed)."""
-    return {n: torch.rand(w.shape, generator=generator).to(w.device) for n, w in weights.items()}
-
-
 def regrow_by_gradient(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """|grad| of every weight, active or not: the loss decreases fastest along the largest
     gradients (RigL §3), and the gradient is already there after backward (GraNet: zero cost)."""
@@ -219,7 +215,7 @@ def mix_random(
         m = masks[name]
         n_random = round(explore * counts.get(name, 0))
         if n_random:
-            noise = torch.rand(m.shape, generator=generator).to(m.device).masked_fill(m, -1.0)
+            noise = random_scores({name: m}, generator)[name].masked_fill(m, -1.0)
             s[topk_mask(noise, n_random)] = top
         out[name] = s
     return out

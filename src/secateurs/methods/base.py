@@ -17,7 +17,7 @@ from ..allocation import SCOPES, allocate, check_sparsity, keep_count
 from ..engine import drop_and_grow, prune
 from ..errors import CheckpointError, ConfigError, SparsityMismatchError, UnknownNameError
 from ..masks import DEFAULT_PRUNABLE_TYPES, Masks
-from ..regrowth import GrowContext, RegrowthRule
+from ..regrowth import GrowContext, RegrowthRule, regrow_by_gradient
 from ..schedules import CosineDropFraction, Schedule
 from ..scores import random as random_score
 
@@ -147,7 +147,7 @@ class Sparsifier:
             gradients = None
             if swap_now and self.regrowth.needs_gradient:
                 # the dense gradient of this step's backward, read before masking zeroes it
-                gradients = _grad_magnitudes(self.masks.weights())
+                gradients = regrow_by_gradient(self.masks.weights())
             self.masks.enforce_(self.optimizer)
             if prune_now:
                 target = self.schedule.sparsity_at(t)
@@ -273,8 +273,3 @@ class Sparsifier:
         for _ in range(used):
             self._next_batch()
 
-
-def _grad_magnitudes(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    from ..regrowth import regrow_by_gradient
-
-    return regrow_by_gradient(weights)
