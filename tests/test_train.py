@@ -442,7 +442,7 @@ def test_bad_config_raises(make, match):
 def test_unknown_names_list_known_ones():
     with pytest.raises(UnknownNameError, match="adam, adamw, sgd"):
         OptimizerConfig(name="sgdd")
-    with pytest.raises(UnknownNameError, match="constant, cosine, multistep"):
+    with pytest.raises(UnknownNameError, match="constant, cosine, linear, multistep"):
         LRScheduleConfig(name="cos")
 
 
@@ -464,3 +464,55 @@ def test_bad_train_data_and_sparsifier_are_config_errors():
         Trainer(mlp(), [(torch.zeros(2, IN), torch.zeros(2, dtype=torch.long))], cfg(), progress=False)
     with pytest.raises(ConfigError, match="sparsifier"):
         Trainer(mlp(), make_data(), cfg(), sparsifier=object(), progress=False)
+
+
+# -- mid-epoch evaluation, starting mid-schedule, step callbacks -----------------------------
+def test_eval_every_records_val_and_test_at_those_steps_and_survives_resume(tmp_path):
+    path = tmp_path / "ck.pt"
+    trainer = Trainer(mlp(), make_data(), cfg(epochs=2, eval_every=3), eval_data=make_eval(),
+                      val_data=make_eval(), checkpoint_path=path, progress=False)
+    trainer.fit()
+    steps = [r["step"] for r in trainer.evaluations]
+    assert steps == list(range(3, 16 + 1, 3))  # 8 steps per epoch, 2 epochs
+    assert set(trainer.evaluations[0]) == {"step", "val_loss", "val_acc", "test_loss", "test_acc"}
+    assert "val_loss" in trainer.history[-1]
+    again = Trainer(mlp(), make_data(), cfg(epochs=2, eval_every=3), eval_data=make_eval(),
+                    val_data=make_eval(), checkpoint_path=path, progress=False)
+    assert again.resume()
+    assert again.evaluations == trainer.evaluations
+
+
+def test_start_step_sets_the_schedule_position_and_trains_only_the_remaining_steps():
+    schedule = {"name": "multistep", "milestones": (1,), "gamma": 0.1}
+    seen: list[tuple[int, float]] = []
+    trainer = Trainer(mlp(), make_data(), cfg(epochs=2, lr_schedule=schedule, optimizer={"lr": 0.5}),
+                      step_callbacks=[lambda t: seen.append((t.state.step, t.optimizer.param_groups[0]["lr"]))],
+                      start_step=5, progress=False)
+    assert trainer.optimizer.param_groups[0]["lr"] == 0.5  # step 5 < milestone at step 8
+    trainer.fit()
+    assert [s for s, _ in seen] == list(range(6, 17))  # 11 steps: 3 left of epoch 1, then 8
+    assert seen[2][1] == pytest.approx(0.05)  # after step 8 the milestone applied
+    late = Trainer(mlp(), make_data(), cfg(epochs=2, lr_schedule=schedule, optimizer={"lr": 0.5}),
+                   start_step=9, progress=False)
+    assert late.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_start_step_beyond_the_run_is_a_clear_error():
+    with pytest.raises(ConfigError, match="outside the training run of 16 steps"):
+        Trainer(mlp(), make_data(), cfg(epochs=2), start_step=17, progress=False)
+
+
+def test_linear_schedule_decays_to_min_lr():
+    from secateurs.train.optim import build_lr_schedule
+
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = build_lr_schedule(opt, LRScheduleConfig(name="linear", min_lr=0.1), steps_per_epoch=5, epochs=2)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1.0)
+    assert lrs[5] == pytest.approx(0.55)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)

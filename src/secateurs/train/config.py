@@ -125,7 +125,11 @@ class LRScheduleConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything the training loop needs besides the model and the data."""
+    """Everything the training loop needs besides the model and the data.
+
+    ``eval_every`` (steps) adds mid-epoch evaluations on the validation and test data, e.g.
+    every 100 iterations to find the early-stopping iteration (Frankle & Carbin 2019).
+    """
 
     epochs: int
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -136,6 +140,7 @@ class TrainConfig:
     grad_clip: float | None = None
     loss_check_every: int = 50
     label_smoothing: float = 0.0
+    eval_every: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "optimizer", _coerce(OptimizerConfig, self.optimizer, "TrainConfig.optimizer"))
@@ -168,6 +173,11 @@ class TrainConfig:
         _require(
             _is_number(self.label_smoothing) and 0.0 <= self.label_smoothing < 1.0,
             f"TrainConfig.label_smoothing must be in [0, 1), got {self.label_smoothing!r}; 0.1 is common, 0 is off",
+        )
+        _require(
+            self.eval_every is None
+            or (isinstance(self.eval_every, int) and not isinstance(self.eval_every, bool) and self.eval_every >= 1),
+            f"TrainConfig.eval_every must be None (evaluate per epoch only) or an integer >= 1 (steps), got {self.eval_every!r}",
         )
         _require(
             self.lr_schedule.min_lr <= self.optimizer.lr,

@@ -85,8 +85,11 @@ class Trainer:
         optimizer: torch.optim.Optimizer | None = None,
         sparsifier: SparsifierLike | None = None,
         eval_data: Iterable | None = None,
+        val_data: Iterable | None = None,
         checkpoint_path: str | Path | None = None,
         callbacks: Sequence[Callable[[dict], None]] = (),
+        step_callbacks: Sequence[Callable[["Trainer"], None]] = (),
+        start_step: int = 0,
         progress: bool = True,
         progress_desc: str = "train",
     ) -> None:
@@ -101,9 +104,11 @@ class Trainer:
         self.model = model.to(self.device)
         self.train_data = train_data
         self.eval_data = eval_data
+        self.val_data = val_data
         self.sparsifier = sparsifier
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
         self.callbacks = tuple(callbacks)
+        self.step_callbacks = tuple(step_callbacks)
         self.progress = progress
         self.progress_desc = progress_desc
         self.optimizer = optimizer if optimizer is not None else build_optimizer(self.model, cfg.optimizer)
@@ -113,10 +118,31 @@ class Trainer:
         self.lr_schedule = build_lr_schedule(self.optimizer, cfg.lr_schedule, self.steps_per_epoch, cfg.epochs)
         self.state = TrainState()
         self.history: list[dict] = []
+        self.evaluations: list[dict] = []
+        if start_step:
+            self._start_at(start_step)
         self._amp = cfg.amp and self.device.type == "cuda"
         self._autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16) if self._amp else contextlib.nullcontext
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self._loss_buf = torch.zeros(cfg.loss_check_every, device=self.device)
+
+    def _start_at(self, step: int) -> None:
+        """Begin mid-schedule, as if ``step`` steps had been taken: the learning rate is the
+        schedule's value at ``step`` and training ends at the usual last step. This is how a
+        network rewound to iteration k is retrained for the remaining T - k steps (weight
+        rewinding, Frankle et al. 2020; learning-rate rewinding, Renda et al. 2020)."""
+        total = self.cfg.epochs * self.steps_per_epoch
+        if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= total:
+            raise ConfigError(
+                f"start_step {step!r} is outside the training run of {total} steps "
+                f"({self.cfg.epochs} epochs x {self.steps_per_epoch}); rewind to an iteration within training"
+            )
+        self.state = TrainState(epoch=step // self.steps_per_epoch, step=step)
+        schedule = self.lr_schedule
+        schedule.last_epoch = step
+        for group, factor, base in zip(self.optimizer.param_groups, schedule.lr_lambdas, schedule.base_lrs):
+            group["lr"] = base * factor(step)
+        schedule._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     # ----------------------------------------------------------------- training
     def fit(self) -> list[dict]:
@@ -128,6 +154,9 @@ class Trainer:
             if self.eval_data is not None:
                 metrics = self.evaluate(self.eval_data)
                 record.update(test_loss=metrics["loss"], test_acc=metrics["acc"])
+            if self.val_data is not None:
+                metrics = self.evaluate(self.val_data)
+                record.update(val_loss=metrics["loss"], val_acc=metrics["acc"])
             record["time_s"] = time.perf_counter() - start
             self.history.append(record)
             if self.checkpoint_path is not None:
@@ -160,8 +189,10 @@ class Trainer:
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         count = 0
         pending = 0  # losses in the buffer not yet checked
+        # normally a whole epoch; fewer steps when the run started mid-epoch (start_step)
+        steps = epoch * self.steps_per_epoch - self.state.step
         bar = tqdm(
-            total=self.steps_per_epoch, desc=f"{self.progress_desc} {epoch}/{self.cfg.epochs}",
+            total=steps, desc=f"{self.progress_desc} {epoch}/{self.cfg.epochs}",
             disable=not self.progress, leave=False, dynamic_ncols=True,
         )
         with bar:
@@ -179,6 +210,15 @@ class Trainer:
                 if pending == len(self._loss_buf):
                     self._check_losses(pending, epoch, batch, bar, loss_sum, correct, count)
                     pending = 0
+                if self.cfg.eval_every is not None and self.state.step % self.cfg.eval_every == 0:
+                    if pending:  # never record an evaluation of a network that has diverged
+                        self._check_losses(pending, epoch, batch, bar, loss_sum, correct, count)
+                        pending = 0
+                    self._evaluate_now()
+                for callback in self.step_callbacks:
+                    callback(self)
+                if batch == steps:
+                    break
             if pending:
                 self._check_losses(pending, epoch, batch, bar, loss_sum, correct, count)
         if count == 0:
@@ -226,6 +266,15 @@ class Trainer:
         )
 
     # --------------------------------------------------------------- evaluation
+    def _evaluate_now(self) -> None:
+        """A mid-epoch evaluation (``cfg.eval_every``) on the validation and test data."""
+        record: dict = {"step": self.state.step}
+        for prefix, data in (("val", self.val_data), ("test", self.eval_data)):
+            if data is not None:
+                metrics = self.evaluate(data)
+                record.update({f"{prefix}_loss": metrics["loss"], f"{prefix}_acc": metrics["acc"]})
+        self.evaluations.append(record)
+
     @torch.no_grad()
     def evaluate(self, data: Iterable) -> dict:
         """Mean loss and accuracy over ``data`` in eval mode; the model's mode is restored."""
@@ -262,6 +311,7 @@ class Trainer:
             "train_data": self.train_data.state_dict(),
             "train_state": dataclasses.asdict(self.state),
             "history": [dict(r) for r in self.history],
+            "evaluations": [dict(r) for r in self.evaluations],
             "rng": rng_state(),
             "config": dataclasses.asdict(self.cfg),
         }
@@ -300,6 +350,7 @@ class Trainer:
         self.train_data.load_state_dict(state["train_data"])
         self.state = TrainState(**state["train_state"])
         self.history = [dict(r) for r in state.get("history", [])]
+        self.evaluations = [dict(r) for r in state.get("evaluations", [])]
         set_rng_state(state["rng"])
 
     def resume(self, path: str | Path | None = None) -> bool:
