@@ -7,6 +7,8 @@
   seeded (the "reinit" sanity check of Frankle et al. 2021).
 - :func:`shuffle_within_layers`: the same number of connections per layer at random
   positions (the "layer-wise random shuffling" sanity check of Frankle et al. 2021).
+- :func:`init_kept_`: give a mask's kept weights their original, re-drawn, sign-only or
+  sign-destroyed initial values (the kept-weight inits of Zhou et al. 2019, :data:`KEPT_INITS`).
 
 All randomness comes from a ``torch.Generator`` passed in, drawn on the CPU, so the results are
 identical on any device for a given generator state, and the global RNG is left untouched.
@@ -21,6 +23,7 @@ from torch import nn
 
 from .errors import ConfigError, UnknownNameError
 from .masks import unwrap_model
+from .registry import Registry
 
 #: ``torch.nn.init`` functions :func:`reinitialize_` accepts by name (besides
 #: ``"reset_parameters"``, the module's own initialisation).
@@ -166,3 +169,139 @@ def shuffle_within_layers(masks, generator: torch.Generator) -> dict[str, torch.
         perm = torch.randperm(flat.numel(), generator=generator).to(mask.device)
         out[name] = flat[perm].reshape(mask.shape).clone()
     return out
+
+
+# -- initialisations of the kept weights (Zhou et al. 2019) -------------------------------
+# Zhou, Lan, Liu & Yosinski (2019, "Deconstructing Lottery Tickets") asked what a ticket
+# needs from its initial values: reinitialising kills it, but keeping only the *signs* (with
+# fresh magnitudes, or one constant magnitude per layer) recovers most of its accuracy. Each
+# policy below computes the new values of one masked layer from its initial values; the
+# values at pruned positions are exactly zero.
+
+#: kept-weight initialisations accepted by :func:`init_kept_`
+KEPT_INITS: Registry[Callable] = Registry("kept-weight init")
+
+
+def _by_policy(policy: str, description: str):
+    return KEPT_INITS.register(policy, description)
+
+
+@_by_policy("original", "the saved initial values (lottery-ticket rewinding)")
+def _kept_original(initial: torch.Tensor, mask: torch.Tensor, fresh: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+    """The initial values themselves: the winning ticket of Frankle & Carbin (2019)."""
+    return initial
+
+
+@_by_policy("reinit", "a fresh draw from the layer's initialisation")
+def _kept_reinit(initial: torch.Tensor, mask: torch.Tensor, fresh: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+    """A fresh draw: the control showing that tickets depend on their init (Zhou et al. 2019)."""
+    return fresh
+
+
+@_by_policy("reinit_same_sign", "fresh magnitudes with the initial signs")
+def _kept_reinit_same_sign(initial: torch.Tensor, mask: torch.Tensor, fresh: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+    """|fresh| * sign(w_i): Zhou et al. (2019) found the signs carry most of the ticket."""
+    return fresh.abs() * torch.sign(initial)
+
+
+@_by_policy("reshuffle", "the kept initial values permuted among the kept positions")
+def _kept_reshuffle(initial: torch.Tensor, mask: torch.Tensor, fresh: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+    """Kept initial values permuted within the layer's kept positions: same value
+    distribution, positions (and signs per position) scrambled (Zhou et al. 2019)."""
+    flat_mask = mask.reshape(-1)
+    kept = torch.nonzero(flat_mask).squeeze(1)
+    perm = torch.randperm(kept.numel(), generator=generator).to(kept.device)
+    out = torch.zeros_like(initial).reshape(-1)
+    out[kept] = initial.reshape(-1)[kept][perm]
+    return out.view_as(initial)
+
+
+@_by_policy("signed_constant", "sign(w_i) times the std of the layer's initial values")
+def _kept_signed_constant(initial: torch.Tensor, mask: torch.Tensor, fresh: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+    """sign(w_i) * std(w_i of the layer): the "constant" init of Zhou et al. (2019), which
+    keeps only the signs. The std is over all the layer's initial values (kept and pruned),
+    the population std (``correction=0``), so a one-weight layer gets 0 rather than NaN."""
+    wide = torch.promote_types(initial.dtype, torch.float32)
+    std = initial.to(wide).std(correction=0).to(initial.dtype)
+    return torch.sign(initial) * std
+
+
+@_by_policy("random_sign", "initial magnitudes with random signs (control)")
+def _kept_random_sign(initial: torch.Tensor, mask: torch.Tensor, fresh: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+    """|w_i| with a fair random sign per weight: the control that destroys the signs only."""
+    signs = torch.randint(0, 2, initial.shape, generator=generator).to(initial.device) * 2 - 1
+    return initial.abs() * signs.to(initial.dtype)
+
+
+@_by_policy("flipped_sign", "every initial sign flipped (control)")
+def _kept_flipped_sign(initial: torch.Tensor, mask: torch.Tensor, fresh: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+    """-w_i: the control where every sign is wrong (Zhou et al. 2019)."""
+    return -initial
+
+
+_NEEDS_FRESH = ("reinit", "reinit_same_sign")
+
+
+def _check_kept(
+    root: nn.Module, masks: Mapping[str, torch.Tensor], initial: Mapping[str, torch.Tensor]
+) -> dict[str, nn.Parameter]:
+    """The masked parameters, after checking every name and shape (before anything is written)."""
+    params = dict(root.named_parameters())
+    out: dict[str, nn.Parameter] = {}
+    for name, mask in masks.items():
+        if name not in params:
+            raise ConfigError(
+                f"{type(root).__name__} has no parameter named {name}; mask names must be parameter names "
+                f"like: {', '.join(list(params)[:6])}"
+            )
+        if name not in initial:
+            raise ConfigError(
+                f"the initial weights have no entry for {name}; save them from the same model "
+                "with snapshot(model) before training"
+            )
+        p = params[name]
+        if mask.shape != p.shape or initial[name].shape != p.shape:
+            raise ConfigError(
+                f"{name}: parameter {tuple(p.shape)}, mask {tuple(mask.shape)}, initial {tuple(initial[name].shape)}; "
+                "masks and initial weights must come from this model"
+            )
+        out[name] = p
+    return out
+
+
+@torch.no_grad()
+def init_kept_(
+    policy: str,
+    model: nn.Module,
+    masks: Mapping[str, torch.Tensor],
+    initial: Mapping[str, torch.Tensor],
+    generator: torch.Generator,
+    *,
+    init: str | Callable[[torch.Tensor], object] = "reset_parameters",
+) -> None:
+    """Set every masked parameter of ``model`` to its kept-weight initialisation, in place.
+
+    ``policy`` is one of :data:`KEPT_INITS` (Zhou et al. 2019): ``original``, ``reinit``,
+    ``reinit_same_sign``, ``reshuffle``, ``signed_constant``, ``random_sign``,
+    ``flipped_sign``. ``masks`` maps parameter names (``"fc1.weight"``) to bool masks (or is
+    a :class:`~secateurs.masks.Masks`); ``initial`` holds the initial values by the same
+    names (a :func:`snapshot`). Kept positions get the policy's value, pruned positions
+    exactly ``0``. ``init`` is the initialisation the ``reinit*`` policies draw from (as in
+    :func:`reinitialize_`).
+
+    Deterministic given the generator state: every random draw is made on the CPU from
+    ``generator`` (layers in ``masks`` order); the global RNG is left untouched. All names
+    and shapes are checked before any parameter is written.
+    """
+    rule = KEPT_INITS.get(policy)
+    masks = getattr(masks, "masks", masks)
+    root = unwrap_model(model)
+    params = _check_kept(root, masks, initial)
+    if policy in _NEEDS_FRESH:
+        reinitialize_(root, list(params), generator, init)
+    for name, p in params.items():
+        mask = masks[name].to(p.device).bool()
+        start = initial[name].detach().to(p.device, p.dtype)
+        fresh = p.detach().clone() if policy in _NEEDS_FRESH else None
+        value = rule(start, mask, fresh, generator)
+        p.copy_(torch.where(mask, value, torch.zeros((), dtype=p.dtype, device=p.device)))
