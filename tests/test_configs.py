@@ -7,6 +7,7 @@ import yaml
 from secateurs.data import DATASETS
 from secateurs.experiments import load_config
 from secateurs.experiments.compare import experiment_configs, load_comparison
+from secateurs.experiments.lottery import load_lottery_config
 from secateurs.experiments.plasticity import load_plasticity
 from secateurs.methods import METHODS
 from secateurs.models import MODELS
@@ -17,6 +18,11 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_config_is_valid(path):
     data = yaml.safe_load(path.read_text())
+    if "lottery" in data:
+        config = load_lottery_config(path)
+        MODELS.get(config.model.name)
+        DATASETS.get(config.data.dataset)
+        return
     if "variants" in data:
         configs = [c for _, _, c in experiment_configs(load_comparison(path))]
     elif "prune_epochs" in data:

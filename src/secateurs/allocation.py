@@ -6,6 +6,7 @@ a layer (or a model) of ``n`` weights at sparsity ``s`` keeps ``n - round(s * n)
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 from typing import Mapping, Sequence
 
@@ -35,6 +36,36 @@ def keep_count(numel: int, sparsity: float) -> int:
 def uniform_keep(numel: Mapping[str, int], sparsity: float) -> dict[str, int]:
     """Every layer at the same sparsity (layer-wise magnitude pruning, Han et al. 2015)."""
     return {n: keep_count(c, sparsity) for n, c in numel.items()}
+
+
+def layer_rates(
+    names: Sequence[str], rate: float, output_rate: float | None = None, overrides: Mapping[str, float] | None = None
+) -> dict[str, float]:
+    """Per-layer pruning rates (fraction of each layer's *remaining* weights removed per
+    round): ``rate`` everywhere, ``output_rate`` for the last layer in model order (Frankle &
+    Carbin 2019 prune the output layer at half the rate: fc 20%, output 10%) and
+    ``overrides`` as ``{glob pattern: rate}`` (e.g. ``{"features.*": 0.1}`` for conv layers),
+    applied last. A pattern that matches nothing is an error, not a silent no-op."""
+    names = list(names)
+    rates = {n: check_sparsity(rate, "pruning rate") for n in names}
+    if output_rate is not None and names:
+        rates[names[-1]] = check_sparsity(output_rate, "output-layer pruning rate")
+    for pattern, value in (overrides or {}).items():
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise ConfigError(f"layer-rate pattern {pattern!r} matches no prunable parameter; names are: {', '.join(names[:6])}")
+        for n in hits:
+            rates[n] = check_sparsity(value, f"pruning rate for {pattern!r}")
+    return rates
+
+
+def rate_keep(active: Mapping[str, int], rates: Mapping[str, float]) -> dict[str, int]:
+    """Weights each layer keeps after removing ``rates[name]`` of its remaining ones (the
+    layer-wise IMP round of Frankle & Carbin 2019), with :func:`keep_count`'s rounding."""
+    missing = [n for n in active if n not in rates]
+    if missing:
+        raise ConfigError(f"no pruning rate for {', '.join(missing[:4])}; build the rates with layer_rates()")
+    return {n: keep_count(a, rates[n]) for n, a in active.items()}
 
 
 def erk_densities(shapes: Mapping[str, Sequence[int]], keep: int, kernel: bool = True) -> dict[str, float]:

@@ -77,6 +77,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lottery(args: argparse.Namespace) -> int:
+    from .experiments.lottery import config_seeds, format_lottery, load_lottery_config, run_lottery_seeds
+
+    overrides = _parse_set(args.set)
+    if args.data_root:
+        overrides["data.root"] = args.data_root
+    config = load_lottery_config(args.config, overrides)
+    seeds = args.seeds if args.seeds else config_seeds(args.config)
+    summary = run_lottery_seeds(config, seeds, args.runs_dir, args.out, progress=not args.no_progress)
+    state = "" if summary["complete"] else f" — INCOMPLETE, missing: {', '.join(summary['missing'][:6])}"
+    print(f"\n{config.name}{state}")
+    print(format_lottery(summary))
+    print(f"wrote {summary['dir']}/lottery.json, lottery.csv, lottery.md, accuracy_vs_remaining.png, early_stop_vs_remaining.png")
+    return 0
+
+
 def cmd_plasticity(args: argparse.Namespace) -> int:
     from .experiments.plasticity import format_plasticity, load_plasticity, run_plasticity
 
@@ -171,6 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--runs-dir", default="runs", help="where run directories are created (default: runs)")
     compare.add_argument("--no-progress", action="store_true", help="no progress bars")
     compare.set_defaults(func=cmd_compare)
+
+    lottery = sub.add_parser("lottery", help="iterative magnitude pruning / COLT rounds with controls (resumable per round)")
+    lottery.add_argument("--config", type=Path, required=True, help="lottery YAML (see configs/lth_*.yaml)")
+    lottery.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. lottery.rounds=3")
+    lottery.add_argument("--seeds", type=int, nargs="+", help="run these seeds (default: the config's seeds)")
+    lottery.add_argument("--data-root", help="dataset directory / file (overrides data.root)")
+    lottery.add_argument("--runs-dir", default="runs", help="where run directories are created (default: runs)")
+    lottery.add_argument("--out", help="where the seed-aggregated table and plots go (default: RUNS_DIR/NAME-lottery)")
+    lottery.add_argument("--no-progress", action="store_true", help="no progress bars")
+    lottery.set_defaults(func=cmd_lottery)
 
     plast = sub.add_parser("plasticity", help="pruning plasticity grid (GraNet Fig. 2): prune at epoch t by p, continue k epochs")
     plast.add_argument("--config", type=Path, required=True, help="plasticity YAML (see configs/plasticity_*.yaml)")

@@ -125,3 +125,41 @@ def plot_plasticity(cells: Sequence[dict], path: str | Path, title: str = "") ->
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def plot_rounds(
+    series: Mapping[str, Sequence[tuple[float, float, float]]], path: str | Path, ylabel: str, title: str = "",
+    scale: float = 100.0,
+) -> Path:
+    """A lottery-ticket figure (Frankle & Carbin 2019, Figures 3-4): a quantity vs. percent of
+    weights remaining on a log axis that runs from dense to sparse, one line per series
+    (ticket, random reinit, ...); ``series[label]`` is ``(remaining fraction, mean, std)``
+    per round, the std drawn as error bars. ``scale`` multiplies means (100 for accuracy)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
+    ticks: set[float] = set()
+    for label, points in series.items():
+        points = sorted(points, reverse=True)
+        if not points:
+            continue
+        x = [100 * r for r, _, _ in points]
+        ticks.update(x)
+        ax.errorbar(x, [scale * m for _, m, _ in points], yerr=[scale * s for _, _, s in points],
+                    marker="o", capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    shown = sorted(ticks)
+    if len(shown) > 12:  # keep labels legible: every other round
+        shown = shown[::2]
+    ax.set_xticks(shown)
+    ax.set_xticklabels([f"{v:.3g}" for v in shown])
+    ax.minorticks_off()
+    ax.set_xlabel("weights remaining (%)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

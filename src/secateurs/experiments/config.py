@@ -29,6 +29,7 @@ class DataConfig:
     eval_batch_size: int = 1000
     crop_padding: int = 0
     flip: bool = False
+    validation: int = 0  # training images held out (fixed split, seed 0) for early stopping
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class PhaseConfig:
     lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
     grad_clip: float | None = None
     label_smoothing: float = 0.0
+    eval_every: int | None = None  # steps between validation/test evaluations (None: per epoch)
 
 
 RESETS = ("keep", "rewind", "reinit")
@@ -97,8 +99,29 @@ class PruneConfig:
             )
 
 
+class HashedConfig:
+    """A config that names its run directory by a hash of its non-default fields.
+
+    Subclasses are frozen dataclasses whose every field has a default."""
+
+    def to_dict(self) -> dict:
+        return _to_plain(dataclasses.asdict(self))
+
+    def non_default(self) -> dict:
+        """Only the fields that differ from the defaults: hashing these (as open_lth does)
+        means adding a new field with a default never renames existing runs."""
+        return _diff(self.to_dict(), type(self)().to_dict())
+
+    def short_hash(self) -> str:
+        body = {k: v for k, v in self.non_default().items() if k != "name"}
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:8]
+
+    def run_name(self) -> str:
+        return f"{_slug(self.name)}-{self.short_hash()}"
+
+
 @dataclass(frozen=True)
-class ExperimentConfig:
+class ExperimentConfig(HashedConfig):
     name: str = "experiment"
     seed: int = 0
     device: str = "auto"
@@ -107,21 +130,6 @@ class ExperimentConfig:
     train: PhaseConfig = field(default_factory=PhaseConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     finetune: PhaseConfig = field(default_factory=lambda: PhaseConfig(epochs=2))
-
-    def to_dict(self) -> dict:
-        return _to_plain(dataclasses.asdict(self))
-
-    def non_default(self) -> dict:
-        """Only the fields that differ from the defaults: hashing these (as open_lth does)
-        means adding a new field with a default never renames existing runs."""
-        return _diff(self.to_dict(), ExperimentConfig().to_dict())
-
-    def short_hash(self) -> str:
-        body = {k: v for k, v in self.non_default().items() if k != "name"}
-        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:8]
-
-    def run_name(self) -> str:
-        return f"{_slug(self.name)}-{self.short_hash()}"
 
 
 def _slug(text: str) -> str:

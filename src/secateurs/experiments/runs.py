@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from ..errors import CheckpointError, ConfigError
-from .config import ExperimentConfig, _diff
+from .config import ExperimentConfig, HashedConfig, _diff
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -42,7 +42,7 @@ class RunDir:
         self.path = Path(path)
 
     @classmethod
-    def for_config(cls, config: ExperimentConfig, runs_root: str | Path = "runs") -> "RunDir":
+    def for_config(cls, config: HashedConfig, runs_root: str | Path = "runs") -> "RunDir":
         return cls(Path(runs_root) / config.run_name())
 
     config_path = property(lambda self: self.path / "config.yaml")
@@ -58,12 +58,12 @@ class RunDir:
             return None
         return yaml.safe_load(self.config_path.read_text())
 
-    def bind(self, config: ExperimentConfig) -> None:
+    def bind(self, config: HashedConfig) -> None:
         """Claim the directory for ``config``; refuse if it holds a run of another config."""
         saved = self.saved_config()
         mine = config.to_dict()
         if saved is not None:
-            saved = _with_defaults(saved)
+            saved = _with_defaults(saved, type(config))
         if saved is not None and saved != mine:
             changed = sorted(_flat_keys(_diff(mine, saved)) | _flat_keys(_diff(saved, mine)))
             raise ConfigError(
@@ -142,12 +142,12 @@ def _flat_keys(d: dict, prefix: str = "") -> set[str]:
     return out
 
 
-def _with_defaults(saved: dict) -> dict:
+def _with_defaults(saved: dict, kind: type = ExperimentConfig) -> dict:
     """A saved config as the current code reads it: options added since it was written take
     their defaults, so a new option never orphans an existing run (as the hash promises)."""
     from ..typed_config import from_dict
 
     try:
-        return from_dict(ExperimentConfig, saved).to_dict()
+        return from_dict(kind, saved).to_dict()
     except ConfigError:
         return saved  # not readable any more: compare as written, the error names the keys

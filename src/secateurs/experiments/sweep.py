@@ -43,13 +43,17 @@ def _train_config(phase: PhaseConfig, config: ExperimentConfig, index: int) -> T
         device=config.device,
         grad_clip=phase.grad_clip,
         label_smoothing=phase.label_smoothing,
+        eval_every=phase.eval_every,
     )
 
 
 class _Data:
     """Loaders for one run: the whole dataset lives on the training device."""
 
-    def __init__(self, config: ExperimentConfig, dataset: ImageDataset):
+    def __init__(self, config, dataset: ImageDataset):
+        if config.data.validation and dataset.val_images is None:
+            # one fixed split (seed 0) for every seed and method, so selection is comparable
+            dataset = dataset.holdout(config.data.validation, seed=0)
         self.config, self.dataset = config, dataset
         self.device = resolve_device(config.device)
         self.transform = BatchTransform(
@@ -59,6 +63,12 @@ class _Data:
             dataset.test_images, dataset.test_labels, config.data.eval_batch_size,
             shuffle=False, transform=self.transform, device=self.device,
         )
+        self.val = None
+        if dataset.val_images is not None:
+            self.val = InMemoryLoader(
+                dataset.val_images, dataset.val_labels, config.data.eval_batch_size,
+                shuffle=False, transform=self.transform, device=self.device,
+            )
 
     def example(self) -> torch.Tensor:
         """One normalised test image (batch of 1), for counting FLOPs."""
@@ -72,10 +82,15 @@ class _Data:
             shuffle=False, transform=self.transform, device=self.device,
         )
 
-    def train(self, seed: int) -> InMemoryLoader:
+    def train(self, seed: int, subset: torch.Tensor | None = None) -> InMemoryLoader:
+        """Shuffled (and augmented, if configured) training batches; ``subset`` indexes a
+        part of the training set (COLT's data segments)."""
         augment = self.config.data.crop_padding > 0 or self.config.data.flip
+        images, labels = self.dataset.train_images, self.dataset.train_labels
+        if subset is not None:
+            images, labels = images[subset], labels[subset]
         return InMemoryLoader(
-            self.dataset.train_images, self.dataset.train_labels, self.config.data.batch_size,
+            images, labels, self.config.data.batch_size,
             shuffle=True, transform=self.transform, augment=augment, device=self.device, seed=seed,
         )
 
@@ -186,7 +201,7 @@ class _Sweep:
 
     def _trainer(self, model, phase: str, target: float, train_data, cfg, desc: str, **kwargs) -> Trainer:
         log = lambda record: self.run_dir.log({"phase": phase, "target_sparsity": target, **record})  # noqa: E731
-        return Trainer(model, train_data, cfg, eval_data=self.data.test, checkpoint_path=self.run_dir.checkpoint(phase),
+        return Trainer(model, train_data, cfg, eval_data=self.data.test, val_data=self.data.val, checkpoint_path=self.run_dir.checkpoint(phase),
                        callbacks=[log], progress=self.progress, progress_desc=desc, **kwargs)
 
     def run(self) -> dict:

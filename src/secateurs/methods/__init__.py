@@ -5,7 +5,9 @@
 from .at_init import SNIP, GraSP, RandomInit, SynFlow
 from .base import Sparsifier
 from .during import CTRE, GMP, SET, GraNet, RigL
+from .lottery import LotteryTicket, criterion_masks
 from .magnitude import Magnitude, Random
 from .registry import METHODS
+from .supermask import Supermask
 
-__all__ = ["Sparsifier", "Magnitude", "Random", "GMP", "SET", "RigL", "GraNet", "CTRE", "SNIP", "GraSP", "SynFlow", "RandomInit", "METHODS"]
+__all__ = ["Sparsifier", "Magnitude", "Random", "GMP", "SET", "RigL", "GraNet", "CTRE", "SNIP", "GraSP", "SynFlow", "RandomInit", "LotteryTicket", "criterion_masks", "Supermask", "METHODS"]

@@ -1,0 +1,558 @@
+"""Lottery-ticket experiments: IMP and COLT rounds with controls, resumable per round.
+
+One run directory per (config, seed). Round 0 trains the dense network; round r >= 1 starts
+from ``checkpoints/round-RR-start.pt`` -- the masks after pruning round r-1's trained
+network and the weights after the reset -- written once, atomically, and then shared by the
+ticket's training and by every control (the same mask with another initialisation of the
+kept weights, e.g. ``reinit``: the control of Frankle & Carbin 2019). Every training
+checkpoints each epoch; a finished round is ``rounds/round-RR.json``. So a run killed
+anywhere resumes where it stopped: no round is repeated and at most one epoch is lost, and
+re-running a finished config only re-reads it.
+
+Procedures:
+
+- ``imp`` (Frankle & Carbin 2019): the trained ticket is pruned by the criterion at the
+  per-layer (or global) rate, then reset: ``rewind`` (weights to iteration k, retrain the
+  remaining T - k steps; Frankle et al. 2020), ``lr_rewind`` (keep the weights, replay the
+  learning-rate schedule from step k; Renda et al. 2020), ``finetune`` (keep the weights,
+  train ``retrain_epochs`` at the schedule's final learning rate) or ``linear_decay`` (keep
+  the weights, learning rate decayed linearly to 0 over ``retrain_epochs``; Zimmer et al.
+  2023).
+- ``colt`` (Hossain et al. 2023, "cyclic overlapping lottery tickets"): in every round one
+  copy of the ticket is trained on each segment of the training data (disjoint class groups
+  or random parts), each copy is pruned at the rate and the next mask keeps only the weights
+  every copy kept (the overlap); the round's ticket itself is trained on all the data to
+  measure it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..allocation import SCOPES as ALLOCATION_SCOPES
+from ..allocation import check_sparsity
+from ..analysis.mask_metrics import learning_distance, mask_iou
+from ..criteria import CRITERIA
+from ..data import ImageDataset, load_dataset
+from ..errors import CheckpointError, ConfigError, UnknownNameError
+from ..methods.lottery import LotteryTicket, criterion_masks
+from ..models import MODELS
+from ..resets import KEPT_INITS, init_kept_, rewind_
+from ..schedules import parse_duration
+from ..train import Trainer, TrainConfig, build_optimizer, load_checkpoint, save_checkpoint
+from ..train.optim import build_lr_schedule
+from ..typed_config import from_dict
+from .config import DataConfig, HashedConfig, ModelConfig, PhaseConfig, apply_overrides, read_yaml
+from .runs import RunDir, atomic_write_text
+from .sweep import _Data, build_model
+
+PROCEDURES = ("imp", "colt")
+LOTTERY_RESETS = ("rewind", "lr_rewind", "finetune", "linear_decay")
+SPLITS = ("classes", "random")
+
+
+@dataclass(frozen=True)
+class SupermaskConfig:
+    """Masks evaluated on the *untrained* initial weights (Zhou et al. 2019): after round 0,
+    each criterion of (initial, trained) weights at each sparsity, with each kept-weight
+    init, is scored on the test set without any training."""
+
+    criteria: tuple[str, ...] = ("large_final_same_sign",)
+    sparsities: tuple[float, ...] = ()
+    inits: tuple[str, ...] = ("original", "signed_constant")
+    scope: str = "uniform"
+
+    def __post_init__(self) -> None:
+        for c in self.criteria:
+            CRITERIA.get(c)
+        for s in self.sparsities:
+            check_sparsity(s, "lottery.supermask.sparsities entry")
+        for i in self.inits:
+            KEPT_INITS.get(i)
+        if self.scope not in ALLOCATION_SCOPES:
+            raise UnknownNameError(f"unknown lottery.supermask.scope {self.scope!r}; known scopes: {', '.join(ALLOCATION_SCOPES)}")
+
+
+@dataclass(frozen=True)
+class LotterySettings:
+    """The lottery procedure: how much each round prunes, by what, and the reset."""
+
+    procedure: str = "imp"
+    rounds: int = 5
+    rate: float = 0.2
+    output_rate: float | None = None
+    layer_rates: dict[str, float] = field(default_factory=dict)
+    scope: str = "layerwise"
+    criterion: str = "large_final"
+    rewind: str = "0it"
+    reset: str = "rewind"
+    init: str = "original"
+    reinit_distribution: str = "reset_parameters"
+    retrain_epochs: int | None = None
+    controls: tuple[str, ...] = ()
+    segments: int = 2
+    split: str = "classes"
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    supermask: SupermaskConfig = field(default_factory=SupermaskConfig)
+
+    def __post_init__(self) -> None:
+        def known(value: str, names: Sequence[str], what: str) -> None:
+            if value not in names:
+                raise UnknownNameError(f"unknown lottery.{what} {value!r}; known: {', '.join(names)}")
+
+        known(self.procedure, PROCEDURES, "procedure")
+        known(self.reset, LOTTERY_RESETS, "reset")
+        known(self.split, SPLITS, "split")
+        CRITERIA.get(self.criterion)
+        KEPT_INITS.get(self.init)
+        for c in self.controls:
+            KEPT_INITS.get(c)
+        if not isinstance(self.rounds, int) or isinstance(self.rounds, bool) or self.rounds < 0:
+            raise ConfigError(f"lottery.rounds must be an integer >= 0 (pruning rounds after the dense one), got {self.rounds!r}")
+        if self.reset in ("finetune", "linear_decay") and not self.retrain_epochs:
+            raise ConfigError(f"lottery.reset={self.reset!r} trains each round for retrain_epochs; set lottery.retrain_epochs")
+        if self.procedure == "colt":
+            if self.segments < 2:
+                raise ConfigError(f"lottery.segments must be >= 2 for COLT (one ticket per data segment), got {self.segments}")
+            if self.reset != "rewind" or self.rewind not in ("0", "0it", "0ep"):
+                raise ConfigError(
+                    "COLT retrains every segment's copy from the initialisation: use lottery.reset: rewind with "
+                    "lottery.rewind: 0it"
+                )
+        parse_duration(self.rewind, what="lottery.rewind", total_steps=1, steps_per_epoch=1)  # syntax only
+
+
+@dataclass(frozen=True)
+class LotteryConfig(HashedConfig):
+    """A whole lottery-ticket experiment for one seed (``secateurs lottery``)."""
+
+    name: str = "lottery"
+    seed: int = 0
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: PhaseConfig = field(default_factory=PhaseConfig)
+    lottery: LotterySettings = field(default_factory=LotterySettings)
+
+
+def load_lottery_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> LotteryConfig:
+    data = read_yaml(path, "lottery config") if path is not None else {}
+    data.pop("seeds", None)  # the CLI's list of seeds; each run has one
+    return from_dict(LotteryConfig, apply_overrides(data, overrides or {}))
+
+
+def config_seeds(path: str | Path) -> list[int]:
+    """The ``seeds:`` list of a lottery config file (default: the config's ``seed``)."""
+    data = read_yaml(path, "lottery config")
+    seeds = data.get("seeds", [data.get("seed", 0)])
+    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError(f"seeds in {path} must be a list of integers, got {seeds!r}")
+    return seeds
+
+
+def run_lottery(
+    config: LotteryConfig,
+    run: RunDir,
+    *,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+    dataset: ImageDataset | None = None,
+) -> dict:
+    """Run (or resume, or re-read) the experiment in ``run``; returns its results."""
+    MODELS.get(config.model.name)
+    if run.results_path.is_file() and run.results().get("complete"):
+        run.bind(config)
+        echo(f"reusing finished run {run.path}")
+        return run.results()
+    dataset = dataset if dataset is not None else load_dataset(config.data.dataset, config.data.root)
+    run.bind(config)
+    with run.lock():
+        return _Lottery(config, run, dataset, progress, echo).run()
+
+
+class _Lottery:
+    """One seed's rounds: shared data, schedule arithmetic and checkpoint names."""
+
+    def __init__(self, config: LotteryConfig, run: RunDir, dataset: ImageDataset, progress: bool, echo):
+        self.config, self.run_dir, self.progress, self.echo = config, run, progress, echo
+        self.lt = config.lottery
+        self.data = _Data(config, dataset)
+        self.dataset = self.data.dataset
+        self.steps_per_epoch = len(self.data.train(0))
+        self.total_steps = config.train.epochs * self.steps_per_epoch
+        self.rewind_step = parse_duration(
+            self.lt.rewind, what="lottery.rewind", total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch
+        )
+        if self.rewind_step > self.total_steps:
+            raise ConfigError(
+                f"lottery.rewind={self.lt.rewind!r} is step {self.rewind_step}, beyond the training run of "
+                f"{self.total_steps} steps ({config.train.epochs} epochs x {self.steps_per_epoch}); rewind to an "
+                "earlier iteration or train longer"
+            )
+        self.segments = self._segments() if self.lt.procedure == "colt" else []
+
+    # -- plumbing -----------------------------------------------------------------------------
+    def _path(self, name: str) -> Path:
+        return self.run_dir.checkpoint(name)
+
+    def _round_json(self, r: int) -> Path:
+        return self.run_dir.path / "rounds" / f"round-{r:02d}.json"
+
+    def _new(self) -> tuple[torch.nn.Module, LotteryTicket]:
+        """The seed's freshly initialised model and a ticket over it (no optimizer yet)."""
+        model = build_model(self.config, self.dataset).to(self.data.device)
+        lt = self.lt
+        ticket = LotteryTicket(
+            model, None, rate=lt.rate, output_rate=lt.output_rate, layer_rates=lt.layer_rates,
+            scope=lt.scope, criterion=lt.criterion, rewind_step=self.rewind_step,
+            reset="rewind" if lt.reset == "rewind" else "keep", init=lt.init,
+            include=lt.include, exclude=lt.exclude, seed=self.config.seed,
+        )
+        return model, ticket
+
+    def _load(self, path: Path) -> tuple[torch.nn.Module, LotteryTicket]:
+        if not path.is_file():
+            raise CheckpointError(
+                f"{path} is missing: the run directory lost the saved initialisation / round state it needs; "
+                "delete the run directory to start over"
+            )
+        state = load_checkpoint(path)
+        model, ticket = self._new()
+        model.load_state_dict(state["model"])
+        ticket.load_state_dict(state["sparsifier"])
+        return model, ticket
+
+    def _save_start(self, path: Path, model, ticket: LotteryTicket) -> None:
+        save_checkpoint(path, {"format": "secateurs.lottery-start/1", "model": model.state_dict(), "sparsifier": ticket.state_dict()})
+
+    def _schedule(self, r: int) -> tuple[TrainConfig, int]:
+        """The training config and start step of round ``r``'s trainings."""
+        phase, cfg = self.config.train, self.config
+        base = TrainConfig(
+            epochs=phase.epochs, optimizer=phase.optimizer, lr_schedule=phase.lr_schedule,
+            seed=cfg.seed * 1000 + r, device=cfg.device, grad_clip=phase.grad_clip,
+            label_smoothing=phase.label_smoothing, eval_every=phase.eval_every,
+        )
+        reset = self.lt.reset
+        if r == 0:
+            return base, 0
+        if reset in ("rewind", "lr_rewind"):
+            return base, self.rewind_step
+        if reset == "finetune":
+            lr = self._final_lr()
+            return replace(base, epochs=self.lt.retrain_epochs, optimizer=replace(phase.optimizer, lr=lr),
+                           lr_schedule={"name": "constant"}), 0
+        return replace(base, epochs=self.lt.retrain_epochs, lr_schedule={"name": "linear"}), 0
+
+    def _final_lr(self) -> float:
+        """The learning rate at the last step of the dense schedule (fine-tuning's rate)."""
+        param = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([param], lr=self.config.train.optimizer.lr)
+        schedule = build_lr_schedule(opt, self.config.train.lr_schedule, self.steps_per_epoch, self.config.train.epochs)
+        return self.config.train.optimizer.lr * schedule.lr_lambdas[0](max(0, self.total_steps - 1))
+
+    def _segments(self) -> list[torch.Tensor]:
+        """Indices of COLT's disjoint training segments: class groups or random parts."""
+        labels = self.dataset.train_labels
+        n = self.lt.segments
+        if self.lt.split == "classes":
+            classes = self.dataset.num_classes
+            if n > classes:
+                raise ConfigError(f"lottery.segments={n} class groups but {self.dataset.name} has {classes} classes")
+            groups = torch.arange(classes).chunk(n)
+            return [torch.isin(labels, g).nonzero().flatten() for g in groups]
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.config.seed))
+        return [part.sort().values for part in order.chunk(n)]
+
+    # -- one training -----------------------------------------------------------------------------
+    def _train(self, name: str, r: int, start: Path, desc: str, *, subset=None, init: str | None = None) -> dict:
+        """Train the network of ``start`` (optionally re-initialised by ``init``) on the
+        training data (or a ``subset``) with round ``r``'s schedule; checkpoint as ``name``."""
+        cfg, start_step = self._schedule(r)
+        path = self._path(name)
+        model, ticket = self._load(start)
+        if init is not None and not path.is_file():
+            gen = torch.Generator().manual_seed(hash((self.config.seed, r, init)) % 2**62)
+            names = ticket.masks.names()
+            rewind_(model, ticket.rewind_point)
+            init_kept_(init, model, ticket.masks.masks, {n: ticket.rewind_point[n] for n in names}, gen,
+                       init=self.lt.reinit_distribution)
+            ticket.masks.apply_()
+        optimizer = build_optimizer(model, cfg.optimizer)
+        ticket.optimizer = optimizer
+        log = lambda record: self.run_dir.log({"phase": name, **record})  # noqa: E731
+        trainer = Trainer(
+            model, self.data.train(cfg.seed, subset), cfg, optimizer=optimizer, sparsifier=ticket,
+            eval_data=self.data.test, val_data=self.data.val, checkpoint_path=path, callbacks=[log],
+            start_step=start_step, progress=self.progress, progress_desc=desc,
+        )
+        if trainer.resume():
+            self.echo(f"resumed {name} at epoch {trainer.state.epoch}/{cfg.epochs}")
+        started = time.perf_counter()
+        trainer.fit()
+        save_checkpoint(path, trainer.state_dict())
+        return self._measure(trainer, ticket, time.perf_counter() - started)
+
+    def _measure(self, trainer: Trainer, ticket: LotteryTicket, seconds: float) -> dict:
+        final = trainer.evaluate(self.data.test)
+        names = ticket.masks.names()
+        weights = ticket.masks.weights()
+        row: dict[str, Any] = {
+            "test_acc": final["acc"], "test_loss": final["loss"], "steps": trainer.state.step, "time_s": seconds,
+            "learning_distance": learning_distance(
+                {n: ticket.rewind_point[n] for n in names}, weights, ticket.masks.masks
+            )["distance"],
+        }
+        evaluations = [e for e in trainer.evaluations if "val_loss" in e and math.isfinite(e["val_loss"])]
+        if evaluations:
+            best = min(evaluations, key=lambda e: e["val_loss"])
+            row.update(early_stop_step=best["step"], early_stop_val_loss=best["val_loss"],
+                       early_stop_val_acc=best["val_acc"], early_stop_test_acc=best.get("test_acc"))
+        return row
+
+    # -- rounds -------------------------------------------------------------------------------------
+    def _start(self, r: int) -> Path:
+        """``round-RR-start.pt``: round r's masks and reset weights (made once)."""
+        path = self._path(f"round-{r:02d}-start")
+        if path.is_file():
+            return path
+        if r == 0:
+            model, ticket = self._new()
+        elif self.lt.procedure == "imp":
+            model, ticket = self._load(self._path(f"round-{r - 1:02d}"))
+            ticket.next_round()
+        else:
+            model, ticket = self._overlap(r)
+        self._save_start(path, model, ticket)
+        return path
+
+    def _overlap(self, r: int) -> tuple[torch.nn.Module, LotteryTicket]:
+        """COLT: prune every segment's trained copy of round r-1; keep the overlap."""
+        pruned = []
+        for i in range(self.lt.segments):
+            model, ticket = self._load(self._path(f"round-{r - 1:02d}-segment-{i}"))
+            ticket.next_round()  # pruned at the rate and rewound to the initialisation
+            pruned.append((model, ticket))
+        model, ticket = pruned[0]
+        overlap = {n: torch.stack([t.masks[n] for _, t in pruned]).all(dim=0) for n in ticket.masks.names()}
+        counts = {n: int(m.sum()) for n, m in overlap.items()}
+        ticket.masks.update_(overlap, counts)
+        ticket.masks.enforce_()
+        return model, ticket
+
+    def round(self, r: int) -> dict:
+        lt = self.lt
+        tag = f"round {r}/{lt.rounds}"
+        start = self._start(r)
+        _, ticket = self._load(start)
+        stats = ticket.masks.stats()
+        record: dict[str, Any] = {
+            "round": r, "procedure": lt.procedure, "reset": lt.reset,
+            "remaining": 1.0 - stats["sparsity"], "active": stats["active"], "numel": stats["numel"],
+            "layers": {n: 1.0 - v["sparsity"] for n, v in stats["layers"].items()},
+        }
+        if r > 0:
+            previous = self._load(self._path(f"round-{r - 1:02d}-start"))[1].masks.masks
+            record["iou_with_previous"] = mask_iou(previous, ticket.masks.masks)["iou"]
+        record["ticket"] = self._train(f"round-{r:02d}", r, start, f"{tag} ticket")
+        if lt.procedure == "colt" and r < lt.rounds:
+            segments = {}
+            for i, subset in enumerate(self.segments):
+                segments[str(i)] = self._train(f"round-{r:02d}-segment-{i}", r, start, f"{tag} segment {i}", subset=subset)
+            record["segments"] = segments
+        if r > 0:
+            record["controls"] = {
+                init: self._train(f"round-{r:02d}-{init}", r, start, f"{tag} {init}", init=init) for init in lt.controls
+            }
+        if r == 0 and lt.supermask.sparsities:
+            self._supermasks(start)
+        return record
+
+    def _supermasks(self, start: Path) -> None:
+        """Evaluate criterion masks on the untrained weights; writes ``supermask.json``."""
+        sm = self.lt.supermask
+        init_model, ticket = self._load(start)
+        names = ticket.masks.names()
+        initial = {n: ticket.rewind_point[n] for n in names}
+        trained = load_checkpoint(self._path("round-00"))["model"]
+        final = {n: trained[n] for n in names}
+        rows = []
+        for criterion in sm.criteria:
+            for sparsity in sm.sparsities:
+                masks = criterion_masks(initial, final, criterion, sparsity, scope=sm.scope,
+                                        generator=torch.Generator().manual_seed(self.config.seed))
+                for init in sm.inits:
+                    model, _ = self._load(start)
+                    rewind_(model, ticket.rewind_point)
+                    init_kept_(init, model, masks, initial, torch.Generator().manual_seed(self.config.seed),
+                               init=self.lt.reinit_distribution)
+                    probe = Trainer(model, self.data.train(0), TrainConfig(epochs=0, device=self.config.device), progress=False)
+                    metrics = probe.evaluate(self.data.test)
+                    rows.append({"criterion": criterion, "sparsity": sparsity, "init": init,
+                                 "test_acc": metrics["acc"], "test_loss": metrics["loss"]})
+        atomic_write_text(self.run_dir.path / "supermask.json", json.dumps(rows, indent=2))
+
+    def run(self) -> dict:
+        results = self.run_dir.results()
+        rounds: dict[int, dict] = {}
+        for r in range(self.lt.rounds + 1):
+            path = self._round_json(r)
+            if path.is_file():
+                rounds[r] = json.loads(path.read_text())
+        todo = [r for r in range(self.lt.rounds + 1) if r not in rounds]
+        if rounds:
+            self.echo(f"{len(rounds)} round(s) already done in {self.run_dir.path}")
+        for r in tqdm(todo, desc=f"{self.config.name} seed {self.config.seed}", disable=not self.progress,
+                      unit="round", dynamic_ncols=True):
+            rounds[r] = self.round(r)
+            atomic_write_text(self._round_json(r), json.dumps(rounds[r], indent=2))
+            self._write(results, rounds, complete=False)
+        self._write(results, rounds, complete=True)
+        return self.run_dir.results()
+
+    def _write(self, results: dict, rounds: dict[int, dict], complete: bool) -> None:
+        supermask = self.run_dir.path / "supermask.json"
+        self.run_dir.write_results({
+            **results, "config_hash": self.config.short_hash(), "model": self.config.model.name,
+            "dataset": self.dataset.name, "seed": self.config.seed, "procedure": self.lt.procedure,
+            "complete": complete, "rounds": [rounds[r] for r in sorted(rounds)],
+            "supermask": json.loads(supermask.read_text()) if supermask.is_file() else [],
+        })
+
+
+# -- several seeds --------------------------------------------------------------------------------
+def seed_config(config: LotteryConfig, seed: int) -> LotteryConfig:
+    return replace(config, seed=seed)
+
+
+def run_lottery_seeds(
+    config: LotteryConfig, seeds: Sequence[int], runs_dir: str | Path, out_dir: str | Path | None = None,
+    *, progress: bool = True, echo: Callable[[str], None] = print, dataset: ImageDataset | None = None,
+) -> dict:
+    """Run every seed (each resumable on its own), then aggregate what finished."""
+    dataset = dataset if dataset is not None else load_dataset(config.data.dataset, config.data.root)
+    for seed in seeds:
+        cfg = seed_config(config, seed)
+        run = RunDir.for_config(cfg, runs_dir)
+        echo(f"seed {seed}: {run.path}")
+        run_lottery(cfg, run, progress=progress, echo=echo, dataset=dataset)
+    return aggregate_lottery(config, seeds, runs_dir, out_dir)
+
+
+_METRICS = ("test_acc", "early_stop_test_acc", "early_stop_step", "learning_distance")
+
+
+def _stats(values: Sequence[float]) -> dict:
+    import statistics
+
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def aggregate_lottery(
+    config: LotteryConfig, seeds: Sequence[int], runs_dir: str | Path, out_dir: str | Path | None = None
+) -> dict:
+    """Mean and std over seeds per round for the ticket and each control; supermask table;
+    JSON, CSV, Markdown and the two figures of Frankle & Carbin (2019) into ``out_dir``."""
+    out = Path(out_dir) if out_dir is not None else Path(runs_dir) / f"{config.name}-lottery"
+    per_seed, missing = {}, []
+    for seed in seeds:
+        run = RunDir.for_config(seed_config(config, seed), runs_dir)
+        results = run.results() if run.results_path.is_file() else {}
+        per_seed[seed] = results
+        done = {r["round"] for r in results.get("rounds", [])}
+        missing += [f"seed {seed} round {r}" for r in range(config.lottery.rounds + 1) if r not in done]
+    rows = []
+    for r in range(config.lottery.rounds + 1):
+        records = [rec for res in per_seed.values() for rec in res.get("rounds", []) if rec["round"] == r]
+        if not records:
+            continue
+        row: dict[str, Any] = {"round": r, "seeds": len(records), "remaining": _stats([x["remaining"] for x in records])["mean"]}
+        networks = {"ticket": [x["ticket"] for x in records]}
+        for control in config.lottery.controls:
+            networks[control] = [x["controls"][control] for x in records if control in x.get("controls", {})]
+        for label, nets in networks.items():
+            if nets:
+                row[label] = {m: _stats([n.get(m) for n in nets]) for m in _METRICS}
+        rows.append(row)
+    supermask: dict[tuple, list] = {}
+    for res in per_seed.values():
+        for x in res.get("supermask", []):
+            supermask.setdefault((x["criterion"], x["sparsity"], x["init"]), []).append(x["test_acc"])
+    supermask_rows = [{"criterion": c, "sparsity": s, "init": i, "test_acc": _stats(v)} for (c, s, i), v in supermask.items()]
+    summary = {"name": config.name, "seeds": list(seeds), "complete": not missing, "missing": missing,
+               "rounds": rows, "supermask": supermask_rows}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "lottery.json", json.dumps(summary, indent=2))
+    atomic_write_text(out / "lottery.md", format_lottery(summary))
+    atomic_write_text(out / "lottery.csv", _lottery_csv(rows, ["ticket", *config.lottery.controls]))
+    if rows:
+        from ..analysis.plots import plot_rounds
+
+        labels = ["ticket", *config.lottery.controls]
+        def series(metric):
+            return {label: [(row["remaining"], row[label][metric]["mean"], row[label][metric]["std"])
+                            for row in rows if label in row and row[label][metric]["mean"] is not None]
+                    for label in labels}
+        has_es = any(row["ticket"]["early_stop_step"]["mean"] is not None for row in rows)
+        metric = "early_stop_test_acc" if has_es else "test_acc"
+        plot_rounds(series(metric), out / "accuracy_vs_remaining.png",
+                    "test accuracy at early stop (%)" if has_es else "final test accuracy (%)",
+                    f"{config.name} (mean ± std, {len(seeds)} seeds)")
+        if has_es:
+            plot_rounds(series("early_stop_step"), out / "early_stop_vs_remaining.png", "early-stop iteration",
+                        f"{config.name} (mean ± std, {len(seeds)} seeds)", scale=1.0)
+    summary["dir"] = str(out)
+    return summary
+
+
+def _fmt(stat: dict | None, scale: float = 100.0, digits: int = 2) -> str:
+    if not stat or stat.get("mean") is None:
+        return "-"
+    return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
+
+
+def format_lottery(summary: dict) -> str:
+    """Markdown: one row per round, ticket and controls side by side."""
+    rows = summary["rounds"]
+    labels = list(dict.fromkeys(k for row in rows for k, v in row.items() if isinstance(v, dict)))
+    head = "| round | remaining (%) | " + " | ".join(
+        f"{label} acc. at early stop | {label} early-stop it. | {label} final acc." for label in labels) + " |"
+    lines = [head, "|" + "---|" * (2 + 3 * len(labels))]
+    for row in rows:
+        cells = [str(row["round"]), f"{100 * row['remaining']:.3g}"]
+        for label in labels:
+            net = row.get(label) or {}
+            cells += [_fmt(net.get("early_stop_test_acc")), _fmt(net.get("early_stop_step"), 1.0, 0), _fmt(net.get("test_acc"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    if summary.get("supermask"):
+        lines += ["", "| supermask criterion | sparsity | kept-weight init | test acc. (no training) |", "|---|---|---|---|"]
+        for x in summary["supermask"]:
+            lines.append(f"| {x['criterion']} | {100 * x['sparsity']:g}% | {x['init']} | {_fmt(x['test_acc'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _lottery_csv(rows: list[dict], labels: Sequence[str]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["round", "remaining", "network", "seeds"] + [f"{m}_{s}" for m in _METRICS for s in ("mean", "std")])
+    for row in rows:
+        for label in labels:
+            if label in row:
+                stats = row[label]
+                writer.writerow([row["round"], row["remaining"], label, row["seeds"]] + [
+                    "" if stats[m][s] is None else stats[m][s] for m in _METRICS for s in ("mean", "std")])
+    return buf.getvalue()
