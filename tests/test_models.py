@@ -180,3 +180,17 @@ def test_models_run_on_other_input_shapes() -> None:
     for name, channels, size in cases:
         model = create_model(name, in_channels=channels, image_size=size)
         assert model(torch.randn(2, channels, size, size)).shape == (2, 10)
+
+
+def test_variance_scaling_init_replaces_the_models_own():
+    from secateurs.errors import UnknownNameError
+    from secateurs.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("lenet300_100", init="variance_scaling")
+    first = model.net[1] if hasattr(model, "net") else next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    std = first.weight.std().item()
+    assert abs(std - (2 / first.in_features) ** 0.5) < 0.05 * std  # He fan-in, not Glorot
+    assert torch.all(first.bias == 0)
+    with pytest.raises(UnknownNameError, match="variance_scaling"):
+        create_model("lenet300_100", init="he")

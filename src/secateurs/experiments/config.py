@@ -35,6 +35,13 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "lenet300_100"
+    init: str | None = None  # None: the model's own; or "glorot_normal" / "variance_scaling"
+
+    def __post_init__(self) -> None:
+        from ..models._common import INITIALISATIONS
+
+        if self.init is not None and self.init not in INITIALISATIONS:
+            raise ConfigError(f"unknown model.init {self.init!r}; known inits: {', '.join(sorted(INITIALISATIONS))}")
 
 
 @dataclass(frozen=True)

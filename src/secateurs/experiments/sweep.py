@@ -99,7 +99,7 @@ def build_model(config: ExperimentConfig, dataset: ImageDataset) -> torch.nn.Mod
     torch.manual_seed(config.seed)
     return create_model(
         config.model.name, num_classes=dataset.num_classes,
-        in_channels=dataset.in_channels, image_size=dataset.image_size[0],
+        in_channels=dataset.in_channels, image_size=dataset.image_size[0], init=config.model.init,
     )
 
 

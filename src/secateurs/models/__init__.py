@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch.nn as nn
 
 from . import convnets, lenet, mlp, resnet_cifar, resnet_imagenet, vgg  # noqa: F401  (register)
-from ._common import MODELS, require_positive
+from ..errors import UnknownNameError
+from ._common import INITIALISATIONS, MODELS, require_positive
 from .convnets import ConvNet
 from .lenet import LeNet5
 from .mlp import MLP
@@ -30,12 +31,18 @@ __all__ = [
 
 
 def create_model(
-    name: str, *, num_classes: int = 10, in_channels: int = 1, image_size: int = 28
+    name: str, *, num_classes: int = 10, in_channels: int = 1, image_size: int = 28, init: str | None = None
 ) -> nn.Module:
-    """Build a registered model; the defaults describe MNIST, pass 3/32 for CIFAR."""
+    """Build a registered model; the defaults describe MNIST, pass 3/32 for CIFAR. ``init``
+    replaces the model's own initialisation by one of :data:`INITIALISATIONS`."""
     factory = MODELS.get(name)
+    if init is not None and init not in INITIALISATIONS:
+        raise UnknownNameError(f"unknown model init {init!r}; known inits: {', '.join(sorted(INITIALISATIONS))}")
     require_positive(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
-    return factory(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    model = factory(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    if init is not None:
+        INITIALISATIONS[init](model)
+    return model
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
