@@ -1,0 +1,147 @@
+"""N:M sparsity as a method: prune to n of every m inputs by magnitude, fine-tune with the
+pattern fixed (Mishra et al. 2021). The pattern itself lives in :mod:`secateurs.granularity`."""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..granularity import check_nm_config, nm_compatible, nm_mask
+from ..scores import magnitude
+from ..selection import count
+from .base import ScoreFn, Sparsifier
+from .registry import METHODS
+
+_NOT_FOR_NM = ("schedule", "swap_schedule", "regrowth", "initial_sparsity", "layer_sparsity")
+
+
+@METHODS.register("nm", "N:M structured sparsity by magnitude, n of every m inputs (2:4: Mishra et al. 2021)")
+class NMSparsifier(Sparsifier):
+    """Prune every prunable layer to N:M by magnitude, then fine-tune with the pattern fixed.
+
+    This is Mishra et al. 2021's recipe (train dense, prune 2:4 by magnitude, retrain with the
+    mask): :meth:`prune` sets the masks and :meth:`step`, called after ``optimizer.step()``,
+    keeps pruned weights, their gradients and optimizer state at zero. Each covered layer ends
+    up exactly ``1 - n/m`` sparse; layers in ``keep_dense`` stay dense and layers whose inputs
+    per output are not divisible by ``m`` must be excluded or kept dense (an error otherwise).
+
+    ``recompute_every=k > 0`` re-selects the masks by magnitude every ``k`` steps, from the
+    weights as ``optimizer.step()`` left them, i.e. *before* this step's re-zeroing: a pruned
+    weight then holds one step of its dense update (its gradient passes straight through the
+    mask, as in SR-STE, Zhou et al. 2021) and comes back if that makes it larger than a
+    kept weight of its group. It keeps that value and optimizer state; the weights it displaces
+    are zeroed. SR-STE's extra decay of pruned weights is not applied: in the shared sparsity
+    state pruned weights are zero between steps anyway. Each mask update is recorded with its
+    flip rate (the fraction of mask entries that changed, which Zhou et al. 2021 use to study
+    how stable N:M masks are during training).
+    Calling :meth:`prune` at initialisation and training with ``recompute_every=1`` is this
+    library's form of N:M training from scratch.
+    """
+
+    timing = "after"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        n: int = 2,
+        m: int = 4,
+        recompute_every: int = 0,
+        sparsity: float | None = None,
+        scope: str = "uniform",
+        score: ScoreFn = magnitude,
+        **kwargs,
+    ):
+        check_nm_config(n, m)
+        if isinstance(recompute_every, bool) or not isinstance(recompute_every, int) or recompute_every < 0:
+            raise ConfigError(
+                f"recompute_every must be a whole number of steps >= 0 (0: masks fixed after prune), "
+                f"got {recompute_every!r}"
+            )
+        target = 1.0 - n / m
+        self._check_sparsity(sparsity, target, n, m)
+        if scope != "uniform":
+            raise ConfigError(
+                f"N:M sparsity is the same in every group, so scope {scope!r} does not apply; leave scope out"
+            )
+        given = sorted(k for k in _NOT_FOR_NM if kwargs.get(k))
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} do not apply to N:M sparsity (every covered layer is exactly 1 - n/m "
+                "sparse); keep a layer dense with keep_dense=[...] or leave it out with exclude=[...]"
+            )
+        super().__init__(model, optimizer, score=score, sparsity=target, scope="uniform", **kwargs)
+        self.n, self.m, self.recompute_every = n, m, recompute_every
+        self.covered = [k for k in self.masks.names() if k not in self.fixed_sparsity]
+        if not self.covered:
+            raise ConfigError("keep_dense covers every prunable layer, so N:M has nothing to prune; narrow keep_dense")
+        self._check_shapes()
+        self._nm_set = False
+
+    @staticmethod
+    def _check_sparsity(sparsity: float | None, target: float, n: int, m: int) -> None:
+        if sparsity is not None and not math.isclose(sparsity, target, abs_tol=1e-9):
+            raise ConfigError(
+                f"{n}:{m} sparsity is 1 - {n}/{m} = {target:g}, not {sparsity!r}; "
+                "choose n and m instead of a sparsity (or leave sparsity out)"
+            )
+
+    def _check_shapes(self) -> None:
+        shapes = {k: self.masks.params[k].shape for k in self.covered}
+        bad = [f"{k} {tuple(s)}" for k, s in shapes.items() if not nm_compatible(s, self.m)]
+        if bad:
+            raise ConfigError(
+                f"{self.n}:{self.m} sparsity needs each layer's inputs per output (in * kernel size) divisible "
+                f"by m={self.m}; these are not: {', '.join(bad[:6])}; leave them out "
+                f"(exclude=[...]) or keep them dense (keep_dense=[...]), or pick another m"
+            )
+
+    @torch.no_grad()
+    def prune(self, sparsity: float | None = None) -> dict:
+        """Set N:M masks by the score (magnitude) on the covered layers and return the mask
+        stats. ``sparsity``, if given, must be ``1 - n/m``. Already pruned weights are chosen
+        last: only a group left with fewer than ``n`` active weights takes back zeroed ones."""
+        self._check_sparsity(sparsity, self.target, self.n, self.m)
+        self._set_masks("prune", prefer_active=True)
+        return self.masks.stats()
+
+    def step(self) -> None:
+        """Call after every ``optimizer.step()``: re-zero pruned weights and state, and every
+        ``recompute_every`` steps (once pruned) re-select the N:M masks first."""
+        upcoming = self.steps + 1
+        if self.recompute_every and self._nm_set and upcoming % self.recompute_every == 0:
+            self.steps = upcoming
+            with torch.no_grad():
+                self._set_masks("recompute", prefer_active=False)
+            return
+        super().step()
+
+    def _set_masks(self, kind: str, prefer_active: bool) -> None:
+        old = self.masks.masks
+        scores = self.score(self.masks.weights(), self.generator)
+        new, expected = {}, {}
+        for k, mask in old.items():
+            if k in self.covered:
+                s = scores[k].detach().float()
+                new[k] = nm_mask(s.masked_fill(~mask, -math.inf) if prefer_active else s, self.n, self.m, name=k)
+                expected[k] = mask.numel() // self.m * self.n
+            else:
+                new[k], expected[k] = mask.clone(), count(mask)
+        flips = int(torch.stack([torch.count_nonzero(new[k] ^ old[k]).cpu() for k in self.covered]).sum())
+        total = sum(old[k].numel() for k in self.covered)
+        self.masks.update_(new, expected)  # raises unless every layer holds exactly its plan
+        self.masks.sync_()
+        self.masks.enforce_(self.optimizer)
+        self._nm_set = True
+        self._record(kind, self.target, n=self.n, m=self.m, layers=list(self.covered), flip_rate=flips / total)
+
+    def load_state_dict(self, state: Mapping) -> None:
+        super().load_state_dict(state)
+        self._nm_set = any(h.get("kind") in ("prune", "recompute") for h in self.history)
+
+
+# -- export ---------------------------------------------------------------------------------
