@@ -5,7 +5,7 @@ import sys
 LIBRARY = [
     "secateurs", "secateurs.masks", "secateurs.scores", "secateurs.allocation", "secateurs.schedules",
     "secateurs.engine", "secateurs.regrowth", "secateurs.resets", "secateurs.methods", "secateurs.analysis.flops",
-    "secateurs.granularity", "secateurs.criteria", "secateurs.analysis.mask_metrics",
+    "secateurs.granularity", "secateurs.criteria", "secateurs.analysis.mask_metrics", "secateurs.structured",
 ]
 FORBIDDEN = ["secateurs.data", "secateurs.models", "secateurs.train", "secateurs.experiments", "secateurs.cli",
              "tqdm", "matplotlib", "yaml"]

@@ -1,0 +1,151 @@
+"""Channel importance per group: one score per unit, lower means "remove first".
+
+Every criterion reads the slices a group owns, so a channel shared by several layers
+(a residual stream) is judged by all of them:
+
+* ``l1``: the L1 norm of each output filter (Li et al., 2017, "Pruning Filters for
+  Efficient ConvNets"). Each producer layer's filter norms are divided by that layer's
+  mean filter norm, then a unit's score is the *mean* over the producer layers that
+  contain it. Dividing makes layers of different fan-in comparable; the mean (rather than
+  the sum) keeps a residual channel written by many layers from looking important merely
+  because it has more filters.
+* ``bn_scale``: ``|gamma|`` of the BatchNorm after each channel, mean over the group's BN
+  layers (Liu et al., 2017, "network slimming").
+* :func:`taylor_importance`: first-order Taylor estimate of the loss change when a channel
+  is removed, ``(sum over the channel's parameters of g * w)^2`` per mini-batch, averaged
+  over batches (Molchanov et al., 2019, Eq. 8 with the per-batch square of Sec. 3). The
+  channel's parameters are its producer filters and biases and its BN weight and bias.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..registry import Registry
+from .graph import DependencyGraph, Group
+
+__all__ = ["IMPORTANCE", "l1_importance", "bn_scale_importance", "taylor_importance", "resolve_scores"]
+
+Scores = dict[str, torch.Tensor]
+IMPORTANCE: Registry[Callable[[nn.Module, DependencyGraph], Scores]] = Registry("structured importance")
+
+_PRODUCER_ROLES = ("out", "depthwise")
+
+
+def _mean_over_slices(group: Group, per_slice: Mapping[int, torch.Tensor]) -> torch.Tensor:
+    """Mean over the slices covering each unit of the mean of that slice's values."""
+    total = torch.zeros(group.units, dtype=torch.float64)
+    count = torch.zeros(group.units, dtype=torch.float64)
+    for k, values in per_slice.items():
+        for u, idx in enumerate(group.slices[k].indices):
+            if idx:
+                total[u] += values[list(idx)].double().mean()
+                count[u] += 1
+    return (total / count.clamp(min=1)).float()
+
+
+@IMPORTANCE.register("l1", "L1 norm of output filters (Li et al., 2017)")
+def l1_importance(model: nn.Module, graph: DependencyGraph) -> Scores:
+    scores: Scores = {}
+    for group in graph.prunable:
+        per_slice = {}
+        for k, s in enumerate(group.slices):
+            if s.role in _PRODUCER_ROLES:
+                w = model.get_submodule(s.module).weight.detach()
+                norms = w.abs().flatten(1).sum(1)
+                per_slice[k] = norms / norms.mean().clamp(min=torch.finfo(norms.dtype).tiny)
+        scores[group.name] = _mean_over_slices(group, per_slice)
+    return scores
+
+
+@IMPORTANCE.register("bn_scale", "|gamma| of BatchNorm (Liu et al., 2017, network slimming)")
+def bn_scale_importance(model: nn.Module, graph: DependencyGraph) -> Scores:
+    scores: Scores = {}
+    for group in graph.prunable:
+        per_slice = {}
+        for k, s in enumerate(group.slices):
+            bn = model.get_submodule(s.module)
+            if s.role == "bn" and getattr(bn, "weight", None) is not None:
+                per_slice[k] = bn.weight.detach().abs()
+        if not per_slice:
+            raise ConfigError(
+                f"bn_scale needs an affine BatchNorm on every pruned channel, but group "
+                f"{group.name!r} has none; use importance='l1' or exclude {group.producers}"
+            )
+        scores[group.name] = _mean_over_slices(group, per_slice)
+    return scores
+
+
+def _channel_params(model: nn.Module, group: Group) -> list[tuple[int, torch.Tensor]]:
+    """(slice index, parameter) pairs of a group's producer side: filters, biases, BN affine."""
+    found = []
+    for k, s in enumerate(group.slices):
+        if s.role in _PRODUCER_ROLES or s.role == "bn":
+            m = model.get_submodule(s.module)
+            for p in (getattr(m, "weight", None), getattr(m, "bias", None)):
+                if isinstance(p, nn.Parameter):
+                    found.append((k, p))
+    return found
+
+
+def taylor_importance(
+    model: nn.Module,
+    graph: DependencyGraph,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+) -> Scores:
+    """First-order Taylor importance (Molchanov et al., 2019), averaged over ``batches``.
+
+    Runs in the model's current mode (BN statistics update in train mode; call
+    ``model.eval()`` first to leave them alone). Gradients come from
+    ``torch.autograd.grad``, so existing ``.grad`` fields are untouched.
+    """
+    groups = graph.prunable
+    per_group = {g.name: _channel_params(model, g) for g in groups}
+    params = list({id(p): p for pairs in per_group.values() for _, p in pairs}.values())
+    sums = {g.name: torch.zeros(g.units, dtype=torch.float64) for g in groups}
+    n = 0
+    for x, y in batches:
+        loss = loss_fn(model(x), y)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        gw = {id(p): (g * p).detach() if g is not None else torch.zeros_like(p) for p, g in zip(params, grads)}
+        for g in groups:
+            contribution = torch.zeros(g.units, dtype=torch.float64)
+            for k, p in per_group[g.name]:
+                per_channel = gw[id(p)].flatten(1).sum(1) if p.dim() > 1 else gw[id(p)]
+                for u, idx in enumerate(g.slices[k].indices):
+                    if idx:
+                        contribution[u] += per_channel[list(idx)].double().sum()
+            sums[g.name] += contribution**2
+        n += 1
+    if n == 0:
+        raise ConfigError("taylor_importance needs at least one (x, y) batch; the iterable was empty")
+    return {name: (s / n).float() for name, s in sums.items()}
+
+
+def resolve_scores(model: nn.Module, graph: DependencyGraph, importance) -> Scores:
+    """Scores from a registered name, a callable ``(model, graph) -> scores`` or a mapping."""
+    if isinstance(importance, str):
+        scores = IMPORTANCE.get(importance)(model, graph)
+    elif callable(importance):
+        scores = importance(model, graph)
+    elif isinstance(importance, Mapping):
+        scores = dict(importance)
+    else:
+        raise ConfigError(
+            f"importance must be a name ({', '.join(IMPORTANCE.names())}), a callable "
+            f"(model, graph) -> {{group: scores}} or such a mapping, got {type(importance).__name__}"
+        )
+    for g in graph.prunable:
+        s = scores.get(g.name)
+        if s is None or tuple(torch.as_tensor(s).shape) != (g.units,):
+            raise ConfigError(
+                f"importance scores must give group {g.name!r} a vector of {g.units} values, got "
+                f"{None if s is None else tuple(torch.as_tensor(s).shape)}; were they computed on "
+                f"this model with the same exclude?"
+            )
+    return {k: torch.as_tensor(v, dtype=torch.float32) for k, v in scores.items()}
