@@ -9,6 +9,7 @@ from secateurs.experiments import load_config
 from secateurs.experiments.compare import experiment_configs, load_comparison
 from secateurs.experiments.lottery import load_lottery_config
 from secateurs.experiments.plasticity import load_plasticity
+from secateurs.experiments.structured import load_structured_config
 from secateurs.methods import METHODS
 from secateurs.models import MODELS
 
@@ -18,8 +19,8 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_config_is_valid(path):
     data = yaml.safe_load(path.read_text())
-    if "lottery" in data:
-        config = load_lottery_config(path)
+    if "lottery" in data or "structured" in data:
+        config = (load_lottery_config if "lottery" in data else load_structured_config)(path)
         MODELS.get(config.model.name)
         DATASETS.get(config.data.dataset)
         return

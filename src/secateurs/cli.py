@@ -93,6 +93,22 @@ def cmd_lottery(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_structured(args: argparse.Namespace) -> int:
+    from .experiments import RunDir
+    from .experiments.structured import format_structured, load_structured_config, run_structured
+
+    overrides = _parse_set(args.set)
+    if args.data_root:
+        overrides["data.root"] = args.data_root
+    config = load_structured_config(args.config, overrides)
+    run = RunDir.for_config(config, args.runs_dir)
+    print(f"run directory: {run.path}")
+    results = run_structured(config, run, progress=not args.no_progress)
+    print("\n" + format_structured(results))
+    print(f"wrote {run.path}/results.json, structured.md, compact/*.pt2")
+    return 0
+
+
 def cmd_plasticity(args: argparse.Namespace) -> int:
     from .experiments.plasticity import format_plasticity, load_plasticity, run_plasticity
 
@@ -197,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     lottery.add_argument("--out", help="where the seed-aggregated table and plots go (default: RUNS_DIR/NAME-lottery)")
     lottery.add_argument("--no-progress", action="store_true", help="no progress bars")
     lottery.set_defaults(func=cmd_lottery)
+
+    structured = sub.add_parser("structured", help="remove channels to FLOP targets, fine-tune, measure size and latency")
+    structured.add_argument("--config", type=Path, required=True, help="structured YAML (see configs/structured_*.yaml)")
+    structured.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. structured.steps=3")
+    structured.add_argument("--data-root", help="dataset directory / file (overrides data.root)")
+    structured.add_argument("--runs-dir", default="runs", help="where run directories are created (default: runs)")
+    structured.add_argument("--no-progress", action="store_true", help="no progress bars")
+    structured.set_defaults(func=cmd_structured)
 
     plast = sub.add_parser("plasticity", help="pruning plasticity grid (GraNet Fig. 2): prune at epoch t by p, continue k epochs")
     plast.add_argument("--config", type=Path, required=True, help="plasticity YAML (see configs/plasticity_*.yaml)")
