@@ -10,7 +10,7 @@ from secateurs.allocation import keep_count
 from secateurs.cli import main
 from secateurs.errors import ConfigError, SparsityMismatchError
 from secateurs.experiments import RunDir, load_config
-from secateurs.experiments.compare import aggregate, experiment_configs, load_comparison, run_comparison
+from secateurs.experiments.compare import experiment_configs, load_comparison, run_comparison
 from secateurs.experiments.runs import RunDir as _RunDir
 from secateurs.experiments.sweep import run_sweep
 from secateurs.train import load_checkpoint

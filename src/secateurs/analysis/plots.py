@@ -149,8 +149,8 @@ def plot_rounds(
     ax.set_xscale("log")
     ax.invert_xaxis()
     shown = sorted(ticks)
-    if len(shown) > 12:  # keep labels legible: every other round
-        shown = shown[::2]
+    if len(shown) > 12:  # keep labels legible: every other round, from the dense end
+        shown = sorted(shown[::-1][::2])
     ax.set_xticks(shown)
     ax.set_xticklabels([f"{v:.3g}" for v in shown])
     ax.minorticks_off()
