@@ -179,6 +179,13 @@ def test_taylor_importance_matches_hand_computation():
     # out = 3*relu(2x) - 4*relu(x); dL/dw0 = 3x, dL/dw1 = -4x: (g*w)^2 = (6x)^2, (4x)^2; mean over x=1,2
     torch.testing.assert_close(scores["0"], torch.tensor([(36 + 144) / 2, (16 + 64) / 2]))
     assert model[0].weight.grad is None
+    # second order, with c_b = g*w per channel: 6x for channel 0 and -4x for channel 1 at
+    # x = 1, 2; the score is (mean c - mean c^2 / 2)^2
+    second = taylor_importance(model, graph, batches, loss_fn=lambda out, _: out.sum(), order=2)
+    expected = [((6 + 12) / 2 - (36 + 144) / 4) ** 2, ((-4 - 8) / 2 - (16 + 64) / 4) ** 2]
+    torch.testing.assert_close(second["0"], torch.tensor(expected))
+    with pytest.raises(ConfigError, match="order must be 1 or 2"):
+        taylor_importance(model, graph, batches, order=3)
 
 
 def test_prune_to_flops_hits_the_target():

@@ -58,7 +58,7 @@ __all__ = [
 ]
 
 #: ``taylor`` needs data, so it is not in the structured IMPORTANCE registry itself.
-IMPORTANCES: tuple[str, ...] = (*IMPORTANCE.names(), "taylor")
+IMPORTANCES: tuple[str, ...] = (*IMPORTANCE.names(), "taylor", "taylor2")
 LATENCY_BATCHES = (1, 64)
 LATENCY_THREADS = 2
 LATENCY_NOTE = (
@@ -74,7 +74,7 @@ class StructuredSettings:
     MACs), each reached in ``steps`` prune-and-fine-tune steps."""
 
     flops_removed: tuple[float, ...] = (0.5,)
-    importance: str = "l1"
+    importance: str = "l1"  # l1, bn_scale, taylor (first order) or taylor2 (second order)
     scope: str = "layerwise"
     steps: int = 1
     taylor_batches: int = 10
@@ -215,12 +215,13 @@ class _Structured:
 
     # -- one level ------------------------------------------------------------------------------
     def _scores(self, model: nn.Module, graph) -> dict:
-        if self.s.importance != "taylor":
+        if self.s.importance not in ("taylor", "taylor2"):
             return IMPORTANCE.get(self.s.importance)(model, graph)
         was_training = model.training
         model.eval()  # BN statistics stay as trained; the same probe batches on every resume
         try:
-            return taylor_importance(model, graph, itertools.islice(self.data.probe(), self.s.taylor_batches))
+            batches = itertools.islice(self.data.probe(), self.s.taylor_batches)
+            return taylor_importance(model, graph, batches, order=2 if self.s.importance == "taylor2" else 1)
         finally:
             model.train(was_training)
 
