@@ -519,6 +519,8 @@ def aggregate_lottery(
 def _fmt(stat: dict | None, scale: float = 100.0, digits: int = 2) -> str:
     if not stat or stat.get("mean") is None:
         return "-"
+    if stat.get("n") == 1:  # one seed: no spread to show
+        return f"{scale * stat['mean']:.{digits}f}"
     return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
 
 
