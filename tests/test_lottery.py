@@ -336,3 +336,16 @@ def test_cli_lottery(tmp_path, capsys):
                  "--set", "lottery.rounds=1", "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "| round | remaining (%)" in out and "reinit acc. at early stop" in out
+
+
+def test_control_seeds_do_not_depend_on_the_process():
+    import subprocess
+    import sys
+
+    code = "from secateurs.experiments.lottery import control_seed; print(control_seed(3, 2, 'reinit'))"
+    seeds = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={**__import__("os").environ, "PYTHONHASHSEED": str(h)}).stdout.strip()
+        for h in (1, 2)
+    }
+    assert len(seeds) == 1

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -178,6 +179,12 @@ def run_lottery(
         return _Lottery(config, run, dataset, progress, echo).run()
 
 
+def control_seed(seed: int, round: int, init: str) -> int:
+    """The generator seed of a control's kept-weight init: stable across processes (Python's
+    ``hash()`` of a string is not), so a re-run draws the same control."""
+    return zlib.crc32(f"{seed}/{round}/{init}".encode())
+
+
 class _Lottery:
     """One seed's rounds: shared data, schedule arithmetic and checkpoint names."""
 
@@ -280,7 +287,7 @@ class _Lottery:
         path = self._path(name)
         model, ticket = self._load(start)
         if init is not None and not path.is_file():
-            gen = torch.Generator().manual_seed(hash((self.config.seed, r, init)) % 2**62)
+            gen = torch.Generator().manual_seed(control_seed(self.config.seed, r, init))
             names = ticket.masks.names()
             rewind_(model, ticket.rewind_point)
             init_kept_(init, model, ticket.masks.masks, {n: ticket.rewind_point[n] for n in names}, gen,
