@@ -125,6 +125,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     rows: list[dict] = []
+    load = [round(v, 2) for v in os.getloadavg()]
     for name in args.models.split(","):
         print(f"benchmarking {name}", flush=True)
         rows += bench_model(name, args.rounds)
@@ -132,13 +133,14 @@ def main() -> None:
         "benchmark": "structured pruning: size and CPU latency at 30/50/70% FLOPs removed (L1, uniform ratio)",
         "models": args.models.split(","),
         "note": (
-            "CPU timings with torch.set_num_threads(2), run under `nice -n 10` while other long "
-            "experiments were running on the same 2 cores; dense and pruned variants are "
-            "interleaved round by round and medians reported, so compare ratios, not absolute ms. "
-            "resnet50 uses batch 8 instead of 64 (seconds per forward at 224x224 on 2 threads). "
-            "MACs count conv/linear only, per example. OMP_WAIT_POLICY=PASSIVE (spin-waiting "
-            "threads on the oversubscribed cores made 2-thread timings ~100x slower)."
+            "CPU timings with torch.set_num_threads(2); dense and pruned variants are interleaved "
+            "round by round and medians reported, so compare ratios, not absolute ms. resnet50 uses "
+            "batch 8 instead of 64 (seconds per forward at 224x224 on 2 threads). MACs count "
+            "conv/linear only, per example. OMP_WAIT_POLICY=PASSIVE is set (spin-waiting OpenMP "
+            "threads made 2-thread timings ~100x slower when other jobs shared the cores). "
+            "load_average is the machine's 1/5/15-minute load when the run started."
         ),
+        "load_average": load,
         "torch": torch.__version__, "platform": platform.platform(), "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "rounds": args.rounds, "rows": rows,
     }
