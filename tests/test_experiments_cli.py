@@ -191,10 +191,11 @@ def test_cli_help_and_list(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert all(cmd in out for cmd in ("train", "report", "list"))
+    assert all(cmd in out for cmd in ("train", "report", "list", "lottery", "structured"))
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for name in ("magnitude", "random", "lenet300_100", "resnet20", "mnist", "cifar10", "erk", "cubic"):
+    for name in ("magnitude", "random", "lenet300_100", "resnet20", "mnist", "cifar10", "erk", "cubic",
+                 "large_final_same_sign", "signed_constant", "lr_rewind", "taylor2", "nm"):
         assert name in out
 
 

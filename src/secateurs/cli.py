@@ -172,6 +172,15 @@ def cmd_list(args: argparse.Namespace) -> int:
                     print(f"  {'':<16} prune.params: {params}")
     print(f"scopes:\n  {', '.join(SCOPES)}")
     print(f"schedules:\n  {', '.join(SCHEDULES)}")
+    from .criteria import CRITERIA
+    from .experiments.lottery import LOTTERY_RESETS
+    from .resets import KEPT_INITS
+    from .experiments.structured import IMPORTANCES
+
+    print(f"lottery mask criteria (lottery.criterion):\n  {', '.join(CRITERIA.names())}")
+    print(f"kept-weight inits (lottery.init, lottery.controls):\n  {', '.join(KEPT_INITS.names())}")
+    print(f"lottery resets (lottery.reset):\n  {', '.join(LOTTERY_RESETS)}")
+    print(f"channel importance (structured.importance):\n  {', '.join(IMPORTANCES)}")
     return 0
 
 
