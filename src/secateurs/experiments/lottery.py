@@ -44,14 +44,13 @@ from ..criteria import CRITERIA
 from ..data import ImageDataset, load_dataset
 from ..errors import CheckpointError, ConfigError, UnknownNameError
 from ..methods.lottery import LotteryTicket, criterion_masks
-from ..models import MODELS
 from ..resets import KEPT_INITS, init_kept_, rewind_
 from ..schedules import parse_duration
 from ..train import Trainer, TrainConfig, build_optimizer, load_checkpoint, save_checkpoint
 from ..train.optim import build_lr_schedule
 from ..typed_config import from_dict
 from .config import DataConfig, HashedConfig, ModelConfig, PhaseConfig, apply_overrides, read_yaml
-from .runs import RunDir, atomic_write_text
+from .runs import RunDir, atomic_write_text, execute
 from .sweep import _Data, build_model
 
 PROCEDURES = ("imp", "colt")
@@ -168,15 +167,7 @@ def run_lottery(
     dataset: ImageDataset | None = None,
 ) -> dict:
     """Run (or resume, or re-read) the experiment in ``run``; returns its results."""
-    MODELS.get(config.model.name)
-    if run.results_path.is_file() and run.results().get("complete"):
-        run.bind(config)
-        echo(f"reusing finished run {run.path}")
-        return run.results()
-    dataset = dataset if dataset is not None else load_dataset(config.data.dataset, config.data.root)
-    run.bind(config)
-    with run.lock():
-        return _Lottery(config, run, dataset, progress, echo).run()
+    return execute(run, config, lambda data: _Lottery(config, run, data, progress, echo).run(), echo=echo, dataset=dataset)
 
 
 def control_seed(seed: int, round: int, init: str) -> int:

@@ -132,6 +132,25 @@ class RunDir:
         atomic_write_text(self.results_path, json.dumps(results, indent=2))
 
 
+def execute(run: RunDir, config, body, *, echo=print, dataset=None) -> dict:
+    """The common frame of every experiment kind: reuse a finished run; otherwise claim the
+    directory for ``config`` (refusing another config's run), load the data and call
+    ``body(dataset)`` while holding the directory's lock. Bad model names fail before the
+    directory is created."""
+    from ..data import load_dataset
+    from ..models import MODELS
+
+    MODELS.get(config.model.name)
+    if run.results_path.is_file() and run.results().get("complete"):
+        run.bind(config)
+        echo(f"reusing finished run {run.path}")
+        return run.results()
+    dataset = dataset if dataset is not None else load_dataset(config.data.dataset, config.data.root)
+    run.bind(config)
+    with run.lock():
+        return body(dataset)
+
+
 def _flat_keys(d: dict, prefix: str = "") -> set[str]:
     out: set[str] = set()
     for k, v in d.items():

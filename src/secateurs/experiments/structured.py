@@ -38,9 +38,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from ..data import ImageDataset, load_dataset
+from ..data import ImageDataset
 from ..errors import CheckpointError, ConfigError, UnknownNameError
-from ..models import MODELS
 from ..structured import (
     IMPORTANCE, build_graph, load_compact, model_cost, plan_removal, prune_to_flops, remove_units,
     save_compact, taylor_importance,
@@ -49,7 +48,7 @@ from ..structured.prune import SCOPES as STRUCTURED_SCOPES
 from ..train import Trainer, load_checkpoint, save_checkpoint
 from ..typed_config import from_dict
 from .config import DataConfig, HashedConfig, ModelConfig, PhaseConfig, apply_overrides, read_yaml
-from .runs import RunDir, atomic_write_text
+from .runs import RunDir, atomic_write_text, execute
 from .sweep import _Data, _train_config, build_model
 
 __all__ = [
@@ -144,15 +143,7 @@ def run_structured(
     dataset: ImageDataset | None = None,
 ) -> dict:
     """Run (or resume, or re-read) the experiment in ``run``; returns its results."""
-    MODELS.get(config.model.name)
-    if run.results_path.is_file() and run.results().get("complete"):
-        run.bind(config)
-        echo(f"reusing finished run {run.path}")
-        return run.results()
-    dataset = dataset if dataset is not None else load_dataset(config.data.dataset, config.data.root)
-    run.bind(config)
-    with run.lock():
-        return _Structured(config, run, dataset, progress, echo).run()
+    return execute(run, config, lambda data: _Structured(config, run, data, progress, echo).run(), echo=echo, dataset=dataset)
 
 
 class _Structured:

@@ -22,16 +22,16 @@ from typing import Callable
 
 import torch
 
-from ..data import BatchTransform, ImageDataset, InMemoryLoader, load_dataset
+from ..data import BatchTransform, ImageDataset, InMemoryLoader
 from ..methods import METHODS, Sparsifier
 from ..analysis.flops import flops_report, inference_flops, layer_macs
 from ..errors import ConfigError, NonFiniteLossError, SparsityMismatchError
 from ..masks import select_prunable
-from ..models import MODELS, create_model
+from ..models import create_model
 from ..train import Trainer, TrainConfig, build_optimizer, load_checkpoint, save_checkpoint
 from ..train.loop import resolve_device
 from .config import ExperimentConfig, PhaseConfig
-from .runs import RunDir, atomic_write_text
+from .runs import RunDir, atomic_write_text, execute
 
 
 def _train_config(phase: PhaseConfig, config: ExperimentConfig, index: int) -> TrainConfig:
@@ -164,27 +164,15 @@ def run_sweep(
     dataset: ImageDataset | None = None,
 ) -> dict:
     """Run (or resume, or reuse) the experiment in ``run``; returns the results dict."""
-    # Bad names and missing data fail before the run directory is created.
-    METHODS.get(config.prune.method)
-    MODELS.get(config.model.name)
-    if run.results_path.is_file() and run.results().get("complete"):
-        run.bind(config)
-        echo(f"reusing finished run {run.path}")
-        return run.results()
-    dataset = dataset if dataset is not None else load_dataset(config.data.dataset, config.data.root)
-    run.bind(config)
+    METHODS.get(config.prune.method)  # bad names fail before the run directory is created
     try:
-        with run.lock():
-            return _run(config, run, dataset, progress, echo)
+        return execute(run, config, lambda data: _Sweep(config, run, data, progress, echo).run(),
+                       echo=echo, dataset=dataset)
     except NonFiniteLossError as e:
         done = sorted(p.name for p in run.checkpoints.glob("*.pt")) if run.checkpoints.is_dir() else []
         raise NonFiniteLossError(
             f"{e} Finished phases are kept in {run.checkpoints} ({', '.join(done) or 'none yet'})."
         ) from None
-
-
-def _run(config: ExperimentConfig, run: RunDir, dataset: ImageDataset, progress: bool, echo) -> dict:
-    return _Sweep(config, run, dataset, progress, echo).run()
 
 
 class _Sweep:
