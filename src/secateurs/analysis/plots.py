@@ -14,6 +14,28 @@ def _pyplot():
     return plt
 
 
+def _remaining_axis(ax, ticks) -> None:
+    """A log x axis of percent of weights remaining, running from dense to sparse."""
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xticks(list(ticks))
+    ax.set_xticklabels([f"{v:.3g}" for v in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("weights remaining (%)")
+
+
+def _finish(plt, fig, ax, path, ylabel: str, title: str) -> Path:
+    """Labels, grid and legend, then write the PNG and free the figure."""
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_accuracy_vs_sparsity(rows: Sequence[dict], path: str | Path, title: str = "") -> Path:
     """Test accuracy after pruning and after fine-tuning vs. weights remaining (log x axis,
     as in Frankle & Carbin 2019, so the high-sparsity end is readable)."""
@@ -86,20 +108,9 @@ def plot_method_comparison(
         medians.append(100 * dense)
     if medians:
         ax.set_ylim(min(medians) - 3, max(medians) + 1.5)
-    ax.set_xscale("log")
-    ax.invert_xaxis()
-    ax.set_xticks(sorted(ticks))
-    ax.set_xticklabels([f"{v:.3g}" for v in sorted(ticks)])
-    ax.minorticks_off()
-    ax.set_xlabel("weights remaining (%)")
-    ax.set_ylabel("test accuracy (%), median and min-max over seeds")
-    ax.set_title(title or "accuracy vs. sparsity")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    _remaining_axis(ax, sorted(ticks))
+    return _finish(plt, fig, ax, path, "test accuracy (%), median and min-max over seeds",
+                   title or "accuracy vs. sparsity")
 
 
 def plot_plasticity(cells: Sequence[dict], path: str | Path, title: str = "") -> Path:
@@ -146,20 +157,8 @@ def plot_rounds(
         ticks.update(x)
         ax.errorbar(x, [scale * m for _, m, _ in points], yerr=[scale * s for _, _, s in points],
                     marker="o", capsize=3, label=label)
-    ax.set_xscale("log")
-    ax.invert_xaxis()
     shown = sorted(ticks)
     if len(shown) > 12:  # keep labels legible: every other round, from the dense end
         shown = sorted(shown[::-1][::2])
-    ax.set_xticks(shown)
-    ax.set_xticklabels([f"{v:.3g}" for v in shown])
-    ax.minorticks_off()
-    ax.set_xlabel("weights remaining (%)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    _remaining_axis(ax, shown)
+    return _finish(plt, fig, ax, path, ylabel, title)
