@@ -30,3 +30,7 @@ class CheckpointError(SecateursError, RuntimeError):
 
 class NonFiniteLossError(SecateursError, FloatingPointError):
     """Training produced a NaN or infinite loss."""
+
+
+class GrowthError(SecateursError, RuntimeError):
+    """Growing a layer changed what the network computes (it must not)."""

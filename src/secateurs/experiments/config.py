@@ -193,7 +193,18 @@ def apply_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> di
     return out
 
 
+def load_typed(
+    kind: type, path: str | Path | None, overrides: Mapping[str, Any] | None, what: str = "config",
+    drop: tuple[str, ...] = (),
+):
+    """A typed config of ``kind`` from a YAML file (or the defaults) with dotted overrides
+    applied; ``drop``: top-level keys read by the caller, not by ``kind``."""
+    data = read_yaml(path, what) if path is not None else {}
+    for key in drop:
+        data.pop(key, None)
+    return from_dict(kind, apply_overrides(data, overrides or {}))
+
+
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
     """Read a YAML config (or the defaults) and apply dotted overrides like ``train.epochs``."""
-    data = read_yaml(path) if path is not None else {}
-    return from_dict(ExperimentConfig, apply_overrides(data, overrides or {}))
+    return load_typed(ExperimentConfig, path, overrides)

@@ -48,8 +48,7 @@ from ..resets import KEPT_INITS, init_kept_, rewind_
 from ..schedules import parse_duration
 from ..train import Trainer, TrainConfig, build_optimizer, load_checkpoint, save_checkpoint
 from ..train.optim import build_lr_schedule
-from ..typed_config import from_dict
-from .config import DataConfig, HashedConfig, ModelConfig, PhaseConfig, apply_overrides, read_yaml
+from .config import DataConfig, HashedConfig, ModelConfig, PhaseConfig, load_typed, read_yaml
 from .runs import RunDir, atomic_write_text, execute
 from .sweep import _Data, build_model
 
@@ -144,9 +143,7 @@ class LotteryConfig(HashedConfig):
 
 
 def load_lottery_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> LotteryConfig:
-    data = read_yaml(path, "lottery config") if path is not None else {}
-    data.pop("seeds", None)  # the CLI's list of seeds; each run has one
-    return from_dict(LotteryConfig, apply_overrides(data, overrides or {}))
+    return load_typed(LotteryConfig, path, overrides, "lottery config", drop=("seeds",))  # seeds: the CLI's list
 
 
 def config_seeds(path: str | Path) -> list[int]:

@@ -136,11 +136,12 @@ def execute(run: RunDir, config, body, *, echo=print, dataset=None) -> dict:
     """The common frame of every experiment kind: reuse a finished run; otherwise claim the
     directory for ``config`` (refusing another config's run), load the data and call
     ``body(dataset)`` while holding the directory's lock. Bad model names fail before the
-    directory is created."""
+    directory is created (configs that build their own models have no ``model`` section)."""
     from ..data import load_dataset
     from ..models import MODELS
 
-    MODELS.get(config.model.name)
+    if getattr(config, "model", None) is not None:
+        MODELS.get(config.model.name)
     if run.results_path.is_file() and run.results().get("complete"):
         run.bind(config)
         echo(f"reusing finished run {run.path}")

@@ -46,8 +46,7 @@ from ..structured import (
 )
 from ..structured.prune import SCOPES as STRUCTURED_SCOPES
 from ..train import Trainer, load_checkpoint, save_checkpoint
-from ..typed_config import from_dict
-from .config import DataConfig, HashedConfig, ModelConfig, PhaseConfig, apply_overrides, read_yaml
+from .config import DataConfig, HashedConfig, ModelConfig, PhaseConfig, load_typed
 from .runs import RunDir, atomic_write_text, execute
 from .sweep import _Data, _train_config, build_model
 
@@ -126,8 +125,7 @@ class StructuredConfig(HashedConfig):
 def load_structured_config(
     path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
 ) -> StructuredConfig:
-    data = read_yaml(path, "structured config") if path is not None else {}
-    return from_dict(StructuredConfig, apply_overrides(data, overrides or {}))
+    return load_typed(StructuredConfig, path, overrides, "structured config")
 
 
 def _phase(target: float) -> str:

@@ -123,7 +123,6 @@ class Trainer:
             self._start_at(start_step)
         self._amp = cfg.amp and self.device.type == "cuda"
         self._autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16) if self._amp else contextlib.nullcontext
-        self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self._loss_buf = torch.zeros(cfg.loss_check_every, device=self.device)
 
     def _start_at(self, step: int) -> None:
@@ -175,7 +174,9 @@ class Trainer:
         if self.cfg.grad_clip is not None:
             if hasattr(self.sparsifier, "mask_grads_"):
                 self.sparsifier.mask_grads_()  # clip the sparse network's gradient norm
-            nn.utils.clip_grad_norm_(self._params, self.cfg.grad_clip)
+            # read from the optimizer each time: growing a network replaces its parameters
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         self.optimizer.step()
         if self.sparsifier is not None:
             self.sparsifier.step()
