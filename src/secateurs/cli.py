@@ -93,19 +93,43 @@ def cmd_lottery(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_structured(args: argparse.Namespace) -> int:
-    from .experiments import RunDir
-    from .experiments.structured import format_structured, load_structured_config, run_structured
+#: Experiments that live in one run directory per config: (command, module, the config loader,
+#: runner and formatter in it, help, example configs, example override, files written).
+SINGLE_RUN = {
+    "structured": ("structured", "load_structured_config", "run_structured", "format_structured",
+                   "remove channels to FLOP targets, fine-tune, measure size and latency",
+                   "configs/structured_*.yaml", "structured.steps=3", "results.json, structured.md, compact/*.pt2"),
+    "grow": ("growth", "load_growth_config", "run_growth", "format_growth",
+             "grow an MLP during training: GradMax vs random vs zero growth (+ fixed baselines)",
+             "configs/growth_*.yaml", "growth.events=5", "results.json, growth.md, growth_loss.png"),
+    "grow-prune": ("grow_prune", "load_grow_prune_config", "run_grow_prune", "format_grow_prune",
+                   "grow-and-prune architecture search for MLPs within a parameter / depth budget",
+                   "configs/grow_prune_*.yaml", "seed=1", "results.json, grow_prune.md, grow_prune.png"),
+    "linearize": ("linearize", "load_linearize_config", "run_linearize", "format_linearize",
+                  "selective ReLU linearization: replace ReLUs by identity under a ReLU-count budget",
+                  "configs/linearize_*.yaml", "seed=1", "results.json, linearize.md"),
+    "indicators": ("indicators", "load_indicators_config", "run_indicators", "format_indicators",
+                   "training-free indicators (NTK condition number, linear regions) vs trained accuracy",
+                   "configs/indicators_*.yaml", "indicators.repeats=1", "results.json, indicators.md, indicators.png"),
+}
 
+
+def cmd_single_run(args: argparse.Namespace) -> int:
+    import importlib
+
+    from .experiments import RunDir
+
+    module, load, run_fn, fmt, *_, written = SINGLE_RUN[args.command]
+    experiment = importlib.import_module(f".experiments.{module}", __package__)
     overrides = _parse_set(args.set)
     if args.data_root:
         overrides["data.root"] = args.data_root
-    config = load_structured_config(args.config, overrides)
+    config = getattr(experiment, load)(args.config, overrides)
     run = RunDir.for_config(config, args.runs_dir)
     print(f"run directory: {run.path}")
-    results = run_structured(config, run, progress=not args.no_progress)
-    print("\n" + format_structured(results))
-    print(f"wrote {run.path}/results.json, structured.md, compact/*.pt2")
+    results = getattr(experiment, run_fn)(config, run, progress=not args.no_progress)
+    print("\n" + getattr(experiment, fmt)(results))
+    print(f"wrote {run.path}/{written.replace(', ', f', {run.path}/')}")
     return 0
 
 
@@ -181,6 +205,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     print(f"kept-weight inits (lottery.init, lottery.controls):\n  {', '.join(KEPT_INITS.names())}")
     print(f"lottery resets (lottery.reset):\n  {', '.join(LOTTERY_RESETS)}")
     print(f"channel importance (structured.importance):\n  {', '.join(IMPORTANCES)}")
+    from .experiments.growth import ARMS
+
+    print(f"growth arms (growth.arms; the first three are new-unit inits):\n  {', '.join(ARMS)}")
     return 0
 
 
@@ -223,13 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     lottery.add_argument("--no-progress", action="store_true", help="no progress bars")
     lottery.set_defaults(func=cmd_lottery)
 
-    structured = sub.add_parser("structured", help="remove channels to FLOP targets, fine-tune, measure size and latency")
-    structured.add_argument("--config", type=Path, required=True, help="structured YAML (see configs/structured_*.yaml)")
-    structured.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. structured.steps=3")
-    structured.add_argument("--data-root", help="dataset directory / file (overrides data.root)")
-    structured.add_argument("--runs-dir", default="runs", help="where run directories are created (default: runs)")
-    structured.add_argument("--no-progress", action="store_true", help="no progress bars")
-    structured.set_defaults(func=cmd_structured)
+    for command, (*_, text, configs, example, _written) in SINGLE_RUN.items():
+        single = sub.add_parser(command, help=text)
+        single.add_argument("--config", type=Path, required=True, help=f"{command} YAML (see {configs})")
+        single.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"override a key, e.g. {example}")
+        single.add_argument("--data-root", help="dataset directory / file (overrides data.root)")
+        single.add_argument("--runs-dir", default="runs", help="where run directories are created (default: runs)")
+        single.add_argument("--no-progress", action="store_true", help="no progress bars")
+        single.set_defaults(func=cmd_single_run)
 
     plast = sub.add_parser("plasticity", help="pruning plasticity grid (GraNet Fig. 2): prune at epoch t by p, continue k epochs")
     plast.add_argument("--config", type=Path, required=True, help="plasticity YAML (see configs/plasticity_*.yaml)")
