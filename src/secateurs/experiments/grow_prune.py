@@ -39,7 +39,7 @@ from ..models import MLP
 from ..train import Trainer, load_checkpoint, save_checkpoint
 from .config import DataConfig, HashedConfig, ModelConfig, PhaseConfig, load_typed
 from .runs import RunDir, atomic_write_text, execute
-from .sweep import _Data, _train_config, build_model
+from .sweep import _Data, phase_trainer, build_model
 
 __all__ = [
     "GrowPruneExperimentConfig", "load_grow_prune_config", "run_grow_prune", "format_grow_prune",
@@ -116,11 +116,7 @@ class _Search:
         return MLP(self.n_in, widths, self.n_out).to(self.data.device)
 
     def _trainer(self, model: nn.Module, name: str, phase: PhaseConfig, index: int, desc: str) -> Trainer:
-        cfg = _train_config(phase, self.config, index)
-        log = lambda record: self.run_dir.log({"phase": name, **record})  # noqa: E731
-        return Trainer(model, self.data.train(cfg.seed), cfg, eval_data=self.data.test, val_data=self.data.val,
-                       checkpoint_path=self.run_dir.checkpoint(name), callbacks=[log], progress=self.progress,
-                       progress_desc=desc)
+        return phase_trainer(self.data, self.run_dir, self.config, model, name, phase, index, desc, self.progress)
 
     def _fit(self, model: nn.Module, name: str, phase: PhaseConfig, index: int, desc: str) -> dict:
         """Train (or resume, or re-read a finished phase); returns its row."""

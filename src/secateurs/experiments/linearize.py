@@ -36,11 +36,11 @@ from ..errors import ConfigError, NonFiniteLossError, SparsityMismatchError
 from ..grow.linearize import (
     LassoSchedule, alpha_parameters, binarize, clamp_alphas_, lasso_penalty, linearizable, relu_count,
 )
-from ..train import Trainer, build_optimizer, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..train import Trainer, build_optimizer, evaluate, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..train.config import OptimizerConfig
 from .config import DataConfig, HashedConfig, ModelConfig, PhaseConfig, load_typed
 from .runs import RunDir, atomic_write_text, execute
-from .sweep import _Data, _train_config, build_model
+from .sweep import _Data, phase_trainer, build_model
 
 __all__ = [
     "SNLSettings", "LinearizeConfig", "load_linearize_config", "run_linearize", "format_linearize",
@@ -129,22 +129,6 @@ def run_linearize(
     return execute(run, config, lambda data: _Linearize(config, run, data, progress, echo).run(), echo=echo, dataset=dataset)
 
 
-@torch.no_grad()
-def _evaluate(model: nn.Module, data) -> dict:
-    was_training = model.training
-    model.eval()
-    loss = correct = count = 0
-    try:
-        for x, y in data:
-            logits = model(x)
-            loss += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(dim=1) == y).sum())
-            count += int(y.shape[0])
-    finally:
-        model.train(was_training)
-    return {"loss": loss / count, "acc": correct / count} if count else {"loss": math.nan, "acc": math.nan}
-
-
 class _Linearize:
     def __init__(self, config: LinearizeConfig, run: RunDir, dataset: ImageDataset, progress: bool, echo):
         self.config, self.run_dir, self.progress, self.echo = config, run, progress, echo
@@ -153,12 +137,7 @@ class _Linearize:
         self.dataset = self.data.dataset
 
     def _trainer(self, model: nn.Module, name: str, phase: PhaseConfig, index: int, desc: str) -> Trainer:
-        cfg = _train_config(phase, self.config, index)
-        log = lambda record: self.run_dir.log({"phase": name, **record})  # noqa: E731
-        return Trainer(
-            model, self.data.train(cfg.seed), cfg, eval_data=self.data.test, val_data=self.data.val,
-            checkpoint_path=self.run_dir.checkpoint(name), callbacks=[log], progress=self.progress, progress_desc=desc,
-        )
+        return phase_trainer(self.data, self.run_dir, self.config, model, name, phase, index, desc, self.progress)
 
     def _linearized_dense(self) -> nn.Module:
         """The trained dense network with every ReLU masked (all alphas 1: the same function)."""
@@ -265,7 +244,7 @@ class _Linearize:
             record = saved["record"]
         else:
             record = self.search(model, budget, index, phase, f"{desc} snl")
-            record["acc_soft"] = _evaluate(model, self.data.test)["acc"]
+            record["acc_soft"] = evaluate(model, self.data.test)["acc"]
             binarize(model, budget)
         trainer = self._trainer(model, f"{phase}-finetune", self.config.finetune, 100 + index, f"{desc} fine-tune")
         if "acc_before_finetune" not in record:

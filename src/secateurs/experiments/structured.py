@@ -48,7 +48,7 @@ from ..structured.prune import SCOPES as STRUCTURED_SCOPES
 from ..train import Trainer, load_checkpoint, save_checkpoint
 from .config import DataConfig, HashedConfig, ModelConfig, PhaseConfig, load_typed
 from .runs import RunDir, atomic_write_text, execute
-from .sweep import _Data, _train_config, build_model
+from .sweep import _Data, phase_trainer, build_model
 
 __all__ = [
     "StructuredSettings", "StructuredConfig", "load_structured_config", "run_structured",
@@ -154,13 +154,7 @@ class _Structured:
 
     # -- plumbing -------------------------------------------------------------------------------
     def _trainer(self, model: nn.Module, name: str, phase: PhaseConfig, index: int, desc: str) -> Trainer:
-        cfg = _train_config(phase, self.config, index)
-        log = lambda record: self.run_dir.log({"phase": name, **record})  # noqa: E731
-        return Trainer(
-            model, self.data.train(cfg.seed), cfg, eval_data=self.data.test, val_data=self.data.val,
-            checkpoint_path=self.run_dir.checkpoint(name), callbacks=[log], progress=self.progress,
-            progress_desc=desc,
-        )
+        return phase_trainer(self.data, self.run_dir, self.config, model, name, phase, index, desc, self.progress)
 
     def _dense_model(self) -> nn.Module:
         model = build_model(self.config, self.dataset).to(self.data.device)

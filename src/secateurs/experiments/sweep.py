@@ -95,6 +95,16 @@ class _Data:
         )
 
 
+def phase_trainer(data: _Data, run: RunDir, config, model, name: str, phase: PhaseConfig, index: int,
+                  desc: str, progress: bool) -> Trainer:
+    """A Trainer for one named phase of a run: seeded by ``(config.seed, index)``, checkpointed
+    every epoch to ``checkpoints/<name>.pt``, its epoch records appended to the run's log."""
+    cfg = _train_config(phase, config, index)
+    log = lambda record: run.log({"phase": name, **record})  # noqa: E731
+    return Trainer(model, data.train(cfg.seed), cfg, eval_data=data.test, val_data=data.val,
+                   checkpoint_path=run.checkpoint(name), callbacks=[log], progress=progress, progress_desc=desc)
+
+
 def build_model(config: ExperimentConfig, dataset: ImageDataset) -> torch.nn.Module:
     torch.manual_seed(config.seed)
     return create_model(

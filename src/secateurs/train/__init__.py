@@ -1,7 +1,7 @@
 """Training: configs, optimizers, step-based LR schedules, the loop and atomic checkpoints."""
 from .checkpoint import check_model_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import LRScheduleConfig, OptimizerConfig, TrainConfig
-from .loop import BatchSource, SparsifierLike, Trainer, TrainState
+from .loop import BatchSource, SparsifierLike, Trainer, TrainState, evaluate
 from .optim import build_lr_schedule, build_optimizer
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "build_lr_schedule",
     "build_optimizer",
     "check_model_compatible",
+    "evaluate",
     "load_checkpoint",
     "rng_state",
     "save_checkpoint",

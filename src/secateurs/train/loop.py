@@ -73,6 +73,34 @@ def _missing_methods(obj: Any, names: Sequence[str]) -> list[str]:
     return [n for n in names if not callable(getattr(obj, n, None))]
 
 
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, data: Iterable, *, device: torch.device | None = None, autocast=contextlib.nullcontext
+) -> dict:
+    """Mean cross-entropy and accuracy of ``model`` over ``(x, y)`` batches, in eval mode (the
+    model's mode is restored); one host sync at the end."""
+    device = device if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    count = 0
+    try:
+        for x, y in data:
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            with autocast():
+                logits = model(x)
+                loss_sum += F.cross_entropy(logits, y, reduction="sum").float()
+            correct += (logits.argmax(dim=1) == y).sum()
+            count += y.shape[0]
+    finally:
+        model.train(was_training)
+    if count == 0:
+        return {"loss": float("nan"), "acc": float("nan")}
+    return {"loss": (loss_sum / count).item(), "acc": correct.item() / count}
+
+
 class Trainer:
     """Trains ``model`` on ``train_data`` per ``cfg``; see :meth:`fit` and :meth:`resume`."""
 
@@ -276,28 +304,9 @@ class Trainer:
                 record.update({f"{prefix}_loss": metrics["loss"], f"{prefix}_acc": metrics["acc"]})
         self.evaluations.append(record)
 
-    @torch.no_grad()
     def evaluate(self, data: Iterable) -> dict:
         """Mean loss and accuracy over ``data`` in eval mode; the model's mode is restored."""
-        was_training = self.model.training
-        self.model.eval()
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), dtype=torch.long, device=self.device)
-        count = 0
-        try:
-            for x, y in data:
-                x = x.to(self.device, non_blocking=True)
-                y = y.to(self.device, non_blocking=True)
-                with self._autocast():
-                    logits = self.model(x)
-                    loss_sum += F.cross_entropy(logits, y, reduction="sum").float()
-                correct += (logits.argmax(dim=1) == y).sum()
-                count += y.shape[0]
-        finally:
-            self.model.train(was_training)
-        if count == 0:
-            return {"loss": float("nan"), "acc": float("nan")}
-        return {"loss": (loss_sum / count).item(), "acc": correct.item() / count}
+        return evaluate(self.model, data, device=self.device, autocast=self._autocast)
 
     # ------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
