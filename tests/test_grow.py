@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from secateurs.errors import CheckpointError, ConfigError
 from secateurs.grow import (
-    Grower, add_units, gradmax_directions, growth_gradient, growth_site, new_unit_weights, widths,
+    ZERO_INCOMING, Grower, add_units, gradmax_directions, gradmax_incoming_directions, growth_gradient, growth_site,
+    new_unit_weights, outgoing_gradient, widths,
 )
 from secateurs.models import MLP, create_model
 
@@ -40,7 +41,7 @@ SITES = [("0", 6 * 9), ("3", 12 * 4), ("7", 10)]
 
 
 @pytest.mark.parametrize("layer,fan_out", SITES)
-@pytest.mark.parametrize("init", ["gradmax", "random", "zero"])
+@pytest.mark.parametrize("init", ["gradmax", "gradmax_incoming", "random", "zero"])
 def test_growing_leaves_the_output_unchanged(layer, fan_out, init):
     # conv -> pool -> conv, conv -> pool -> flatten -> linear, and linear -> linear
     model = _small_lenet()
@@ -50,7 +51,7 @@ def test_growing_leaves_the_output_unchanged(layer, fan_out, init):
     assert site.fan_out == fan_out
     before = model(x).detach()
     incoming, outgoing = new_unit_weights(model, site, 3, init, scale=0.5, bias=1e-3, batches=[(x, y)], example_input=x[:4])
-    grown = add_units(model, site, 3, incoming=incoming, outgoing=outgoing, bias=0.0 if init == "random" else 1e-3,
+    grown = add_units(model, site, 3, incoming=incoming, outgoing=outgoing, bias=1e-3 if init in ZERO_INCOMING else 0.0,
                       example_input=x[:4])
     assert grown.units == site.units + 3 and model.get_submodule(layer).weight.shape[0] == site.units + 3
     after = model(x).detach()
@@ -75,6 +76,34 @@ def test_gradmax_directions_beat_random_directions_of_the_same_norm():
         rand = torch.randn(k, site.fan_out, generator=g)
         rand = rand / rand.norm(dim=1, keepdim=True)  # unit norm per unit, like the GradMax rows
         assert growth_gradient(model, site, rand, [(x, y)], bias=1e-3, example_input=x[:4]).norm() <= norm * (1 + 1e-5)
+
+
+def test_incoming_gradmax_directions_beat_random_ones_when_the_activation_is_linear():
+    # with an identity activation the linearisation is exact: the SVD bound is reached
+    model = nn.Sequential(nn.Linear(20, 12), nn.Identity(), nn.Linear(12, 5))
+    x, y = torch.randn(64, 20), torch.randint(0, 5, (64,))
+    site = growth_site(model, "0", x[:4])
+    k = 3
+    best, s = gradmax_incoming_directions(model, site, k, [(x, y)], bias=0.0, example_input=x[:4])
+    assert torch.allclose(best @ best.T, torch.eye(k), atol=1e-5)
+    norm = outgoing_gradient(model, site, best, [(x, y)], example_input=x[:4]).norm()
+    assert float(norm) == pytest.approx(float(s[:k].square().sum().sqrt()), rel=1e-4)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(30):
+        rand = torch.randn(k, site.fan_in, generator=g)
+        rand = rand / rand.norm(dim=1, keepdim=True)
+        assert outgoing_gradient(model, site, rand, [(x, y)], example_input=x[:4]).norm() <= norm * (1 + 1e-5)
+
+
+def test_incoming_gradmax_picks_the_sign_a_relu_lets_through():
+    model = MLP(20, (12, 8), 5)
+    x, y = torch.randn(64, 20), torch.randint(0, 5, (64,))
+    _trained(model, x, y)
+    site = growth_site(model, "net.3", x[:4])  # its inputs are post-ReLU, so w.h and -w.h differ
+    best, _ = gradmax_incoming_directions(model, site, 4, [(x, y)], bias=0.0, example_input=x[:4])
+    chosen = outgoing_gradient(model, site, best, [(x, y)], example_input=x[:4]).norm(dim=1)
+    flipped = outgoing_gradient(model, site, -best, [(x, y)], example_input=x[:4]).norm(dim=1)
+    assert (chosen >= flipped).all() and (chosen > flipped).any()
 
 
 def test_zero_incoming_units_need_a_positive_bias_to_learn_through_a_relu():

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import CheckpointError, ConfigError
-from .gradmax import GROWTH_INITS, new_unit_weights
+from .gradmax import GROWTH_INITS, ZERO_INCOMING, new_unit_weights
 from .widen import add_units, growth_site
 
 __all__ = ["Grower", "widths"]
@@ -44,15 +44,16 @@ class Grower:
         model, optimizer: the network and its optimizer (any ``torch.optim`` optimizer).
         example_input: a small batch of inputs; used to trace the model and to check that
             growing leaves its output unchanged.
-        init: ``"gradmax"``, ``"random"`` or ``"zero"`` (see :mod:`secateurs.grow.gradmax`).
+        init: ``"gradmax"``, ``"gradmax_incoming"``, ``"random"`` or ``"zero"`` (see
+            :mod:`secateurs.grow.gradmax`).
         start, every, events: the first growth step, the steps between growth events, and
             their number; each event adds ``1/events`` of the missing units (rounded so the
             last event reaches the targets exactly).
         batches: zero-argument callable returning ``(x, y)`` batches (GradMax measures its
             gradient matrix on the first ``grad_batches`` of them).
         scale: new vectors' norm as a multiple of the existing units' mean norm.
-        bias: the bias of units grown with zero incoming weights (GradMax, zero): positive so
-            a ReLU starts in its linear part; random units get bias 0.
+        bias: the bias of units grown with zero incoming weights (``gradmax``, ``zero``):
+            positive so a ReLU starts in its linear part; the other inits use bias 0.
         seed: seeds the random directions.
         measure: after each growth, record the gradient norm of the new units' incoming and
             outgoing weights on the growth batches (one extra forward/backward).
@@ -84,7 +85,7 @@ class Grower:
                 raise ConfigError(f"Grower {name} must be an integer >= {0 if name == 'start' else 1}, got {value!r}")
         if not scale > 0:
             raise ConfigError(f"Grower scale must be > 0, got {scale!r}")
-        if (init == "gradmax" or measure) and batches is None:
+        if (init.startswith("gradmax") or measure) and batches is None:
             raise ConfigError("GradMax growth (and measure=True) needs batches=callable returning (x, y) batches")
         if not targets:
             raise ConfigError("Grower needs at least one {layer: target width}")
@@ -135,14 +136,14 @@ class Grower:
             if n <= 0:
                 continue
             was_training = self.model.training
-            need = self.init == "gradmax" or self.measure
+            need = self.init.startswith("gradmax") or self.measure
             batches = list(itertools.islice(self.batches(), self.grad_batches)) if need else None
             incoming, outgoing = new_unit_weights(
                 self.model, site, n, self.init, scale=self.scale, bias=self.bias, batches=batches,
                 example_input=self.example, generator=self.generator, loss_fn=self.loss_fn,
             )
             add_units(self.model, site, n, incoming=incoming, outgoing=outgoing,
-                      bias=0.0 if self.init == "random" else self.bias,
+                      bias=self.bias if self.init in ZERO_INCOMING else 0.0,
                       optimizer=self.optimizer, example_input=self.example)
             self.model.train(was_training)
             record = {"step": self.step_count, "layer": name, "added": n, "width": width}
