@@ -45,7 +45,7 @@ class GrowthSettings:
 
     start: tuple[int, ...] = (75, 25)
     target: tuple[int, ...] = (300, 100)
-    arms: tuple[str, ...] = ("gradmax", "gradmax_incoming", "random", "zero", "small", "big")
+    arms: tuple[str, ...] = ("gradmax", "random", "zero", "small", "big")  # never change a default: runs hash only non-defaults
     start_step: int = 200
     every: int = 200
     events: int = 10
