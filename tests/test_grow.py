@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from secateurs.errors import CheckpointError, ConfigError
 from secateurs.grow import (
-    ZERO_INCOMING, Grower, add_units, gradmax_directions, gradmax_incoming_directions, growth_gradient, growth_site,
+    ZERO_INCOMING, Grower, add_units, gradmax_directions, growth_gradient, growth_site,
     new_unit_weights, outgoing_gradient, widths,
 )
 from secateurs.models import MLP, create_model
@@ -84,7 +84,7 @@ def test_incoming_gradmax_directions_beat_random_ones_when_the_activation_is_lin
     x, y = torch.randn(64, 20), torch.randint(0, 5, (64,))
     site = growth_site(model, "0", x[:4])
     k = 3
-    best, s = gradmax_incoming_directions(model, site, k, [(x, y)], bias=0.0, example_input=x[:4])
+    best, s = gradmax_directions(model, site, k, [(x, y)], bias=0.0, example_input=x[:4], side="incoming")
     assert torch.allclose(best @ best.T, torch.eye(k), atol=1e-5)
     norm = outgoing_gradient(model, site, best, [(x, y)], example_input=x[:4]).norm()
     assert float(norm) == pytest.approx(float(s[:k].square().sum().sqrt()), rel=1e-4)
@@ -100,7 +100,7 @@ def test_incoming_gradmax_picks_the_sign_a_relu_lets_through():
     x, y = torch.randn(64, 20), torch.randint(0, 5, (64,))
     _trained(model, x, y)
     site = growth_site(model, "net.3", x[:4])  # its inputs are post-ReLU, so w.h and -w.h differ
-    best, _ = gradmax_incoming_directions(model, site, 4, [(x, y)], bias=0.0, example_input=x[:4])
+    best, _ = gradmax_directions(model, site, 4, [(x, y)], bias=0.0, example_input=x[:4], side="incoming")
     chosen = outgoing_gradient(model, site, best, [(x, y)], example_input=x[:4]).norm(dim=1)
     flipped = outgoing_gradient(model, site, -best, [(x, y)], example_input=x[:4]).norm(dim=1)
     assert (chosen >= flipped).all() and (chosen > flipped).any()

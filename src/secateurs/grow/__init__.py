@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .deepen import MLPLayout, insert_identity_layer, mlp_layout
 from .gradmax import (
-    GROWTH_INITS, ZERO_INCOMING, gradmax_directions, gradmax_incoming_directions, growth_gradient, growth_matrix,
+    GROWTH_INITS, ZERO_INCOMING, gradmax_directions, growth_gradient, growth_matrix,
     new_unit_weights, outgoing_gradient,
 )
 from .grower import Grower, widths
@@ -16,7 +16,7 @@ from .heuristic import USEFULNESS, GrowPrune, GrowPruneConfig
 from .widen import GrowthSite, add_units, growth_site, replace_parameter, unit_norms
 
 __all__ = [
-    "GROWTH_INITS", "ZERO_INCOMING", "gradmax_directions", "gradmax_incoming_directions", "growth_gradient",
+    "GROWTH_INITS", "ZERO_INCOMING", "gradmax_directions", "growth_gradient",
     "growth_matrix", "new_unit_weights", "outgoing_gradient", "Grower", "widths",
     "GrowthSite", "add_units", "growth_site", "replace_parameter", "unit_norms",
     "MLPLayout", "insert_identity_layer", "mlp_layout", "USEFULNESS", "GrowPrune", "GrowPruneConfig",

@@ -34,7 +34,7 @@ from ..errors import ConfigError
 from .widen import GrowthSite, add_units, unit_norms
 
 __all__ = [
-    "GROWTH_INITS", "ZERO_INCOMING", "gradmax_directions", "gradmax_incoming_directions", "growth_gradient", "growth_matrix",
+    "GROWTH_INITS", "ZERO_INCOMING", "gradmax_directions", "growth_gradient", "growth_matrix",
     "new_unit_weights", "outgoing_gradient",
 ]
 
@@ -113,25 +113,6 @@ def _top_singular(g: torch.Tensor, n: int, side: str, generator: Optional[torch.
     return directions.float(), s.float()
 
 
-def gradmax_directions(
-    model: nn.Module,
-    site: GrowthSite,
-    n: int,
-    batches: Iterable[Batch],
-    *,
-    bias: float,
-    example_input: torch.Tensor,
-    loss_fn: Callable = F.cross_entropy,
-    chunk: int = 256,
-    generator: Optional[torch.Generator] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``n`` unit-norm outgoing vectors that maximise the new units' gradient norm
-    (rows, ``(n, fan_out)``; the top left singular vectors of :func:`growth_matrix`) and the
-    singular values of ``G`` (largest first)."""
-    g = growth_matrix(model, site, list(batches), bias=bias, example_input=example_input, loss_fn=loss_fn, chunk=chunk)
-    return _top_singular(g, n, "left", generator)
-
-
 def outgoing_gradient(
     model: nn.Module, site: GrowthSite, incoming: torch.Tensor, batches: Sequence[Batch], *,
     example_input: torch.Tensor, loss_fn: Callable = F.cross_entropy,
@@ -150,7 +131,7 @@ def outgoing_gradient(
     return grad[:, -n * site.positions:].reshape(grad.shape[0], n, site.positions).transpose(0, 1).flatten(1).detach()
 
 
-def gradmax_incoming_directions(
+def gradmax_directions(
     model: nn.Module,
     site: GrowthSite,
     n: int,
@@ -158,17 +139,27 @@ def gradmax_incoming_directions(
     *,
     bias: float,
     example_input: torch.Tensor,
+    side: str = "outgoing",
     loss_fn: Callable = F.cross_entropy,
     chunk: int = 256,
     generator: Optional[torch.Generator] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GradMax on the other side: ``n`` unit-norm *incoming* vectors (rows, ``(n, fan_in)``)
-    for units with zero outgoing weights, maximising the gradient norm of their outgoing
-    weights. Linearising the activation, that gradient is ``G @ w``, so the answer is ``G``'s
-    top right singular vectors; the activation is not linear (a ReLU passes ``w . h`` but
-    not ``-w . h``), so each vector's sign is the one with the larger measured gradient."""
+    """``n`` unit-norm vectors (rows) for new units, and the singular values of ``G``
+    (:func:`growth_matrix`, largest first).
+
+    ``side="outgoing"`` (the paper's GradMax): outgoing vectors ``(n, fan_out)`` for units
+    with zero incoming weights, maximising the gradient norm of those incoming weights: the
+    top left singular vectors of ``G``. ``side="incoming"``: incoming vectors ``(n, fan_in)``
+    for units with zero outgoing weights, maximising the gradient norm of the outgoing ones.
+    With the activation linearised that gradient is ``G @ w``, so the answer is ``G``'s top
+    right singular vectors; a ReLU is not linear (it passes ``w . h`` but not ``-w . h``), so
+    each vector's sign is the one with the larger measured gradient."""
+    if side not in ("outgoing", "incoming"):
+        raise ConfigError(f"side must be 'outgoing' or 'incoming', got {side!r}")
     batches = list(batches)
     g = growth_matrix(model, site, batches, bias=bias, example_input=example_input, loss_fn=loss_fn, chunk=chunk)
+    if side == "outgoing":
+        return _top_singular(g, n, "left", generator)
     directions, s = _top_singular(g, n, "right", generator)
     both = outgoing_gradient(model, site, torch.cat([directions, -directions]), batches,
                              example_input=example_input, loss_fn=loss_fn).norm(dim=1)
@@ -201,12 +192,10 @@ def new_unit_weights(
         return w, None
     if batches is None or example_input is None:
         raise ConfigError("GradMax growth needs training batches and an example input")
-    if init == "gradmax_incoming":
-        directions, _ = gradmax_incoming_directions(
-            model, site, n, batches, bias=bias, example_input=example_input, loss_fn=loss_fn, generator=generator
-        )
-        return directions * scale * float(incoming_norm.mean()), None
+    side = "incoming" if init == "gradmax_incoming" else "outgoing"
     directions, _ = gradmax_directions(
-        model, site, n, batches, bias=bias, example_input=example_input, loss_fn=loss_fn, generator=generator
+        model, site, n, batches, bias=bias, example_input=example_input, side=side, loss_fn=loss_fn, generator=generator
     )
+    if side == "incoming":
+        return directions * scale * float(incoming_norm.mean()), None
     return None, directions * scale * float(outgoing_norm.mean())
