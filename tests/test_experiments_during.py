@@ -167,6 +167,45 @@ def test_reset_after_pruning_restores_init_weights_bit_exactly(tmp_path, monkeyp
     assert results["levels"][1]["active"] == keep_count(results["levels"][1]["numel"], 0.9)
 
 
+def test_at_init_reinit_scores_one_draw_and_trains_another(tmp_path, monkeypatch):
+    """SNIP with ``prune.reset: reinit`` (the reference code's practice): the mask is the one
+    scored on the seed's initialisation, the weights it trains from are an independent draw."""
+    import secateurs.experiments.sweep as sweep
+    from dataclasses import replace
+
+    from secateurs.data import load_dataset
+
+    captured = []
+    original = sweep._reset
+
+    def spy(config, model, sparsifier, dataset):
+        original(config, model, sparsifier, dataset)
+        captured.append(({k: v.clone() for k, v in model.state_dict().items()},
+                         {k: m.clone() for k, m in sparsifier.masks.masks.items()}))
+
+    monkeypatch.setattr(sweep, "_reset", spy)
+    over = {"prune.method": "snip", "prune.sparsities": [0.9], "prune.dense_baseline": False, "train.epochs": 1}
+    config, _, results = run(tmp_path, "reinit", **over, **{"prune.reset": "reinit"})
+    run(tmp_path, "keep", **over)
+    (state, masks), (kept_state, kept_masks) = captured
+    for name in masks:
+        assert torch.equal(masks[name], kept_masks[name]), name  # the same scored mask
+    digits = load_dataset("digits")
+    init = sweep.build_model(config, digits).state_dict()
+    fresh = sweep.build_model(replace(config, seed=config.seed + 1_000_003), digits).state_dict()
+    for name, value in state.items():
+        kept = masks.get(name, torch.ones_like(value, dtype=torch.bool))
+        assert torch.equal(value[kept], fresh[name][kept]), name
+        assert torch.equal(kept_state[name][kept], init[name][kept]), name
+        assert torch.count_nonzero(value[~kept]) == 0
+    assert results["levels"][0]["active"] == keep_count(results["levels"][0]["numel"], 0.9)
+
+
+def test_reset_is_refused_for_a_during_training_method(tmp_path):
+    with pytest.raises(ConfigError, match="prune.reset 'reinit' does not apply to 'rigl'"):
+        run(tmp_path, **{"prune.method": "rigl", "prune.reset": "reinit"})
+
+
 def test_unknown_reset_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="unknown prune.reset 'rewnd'; known resets: keep, rewind, reinit"):
         run(tmp_path, **{"prune.reset": "rewnd"})

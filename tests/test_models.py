@@ -194,3 +194,19 @@ def test_variance_scaling_init_replaces_the_models_own():
     assert torch.all(first.bias == 0)
     with pytest.raises(UnknownNameError, match="variance_scaling"):
         create_model("lenet300_100", init="he")
+
+
+def test_lecun_normal_init_is_tensorflows_truncated_variance_scaling():
+    from secateurs.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("lenet300_100", init="lecun_normal")
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    target = (1 / first.in_features) ** 0.5
+    w = first.weight
+    # truncated at two (pre-correction) standard deviations, rescaled to variance 1/fan_in
+    assert w.abs().max().item() <= 2 * target / 0.87962566103423978 + 1e-6
+    assert abs(w.std().item() - target) < 0.03 * target
+    assert torch.all(first.bias == 0)
+    conv = next(m for m in create_model("lenet5", init="lecun_normal").modules() if isinstance(m, torch.nn.Conv2d))
+    assert abs(conv.weight.std().item() - (1 / conv.weight[0].numel()) ** 0.5) < 0.15 * (1 / conv.weight[0].numel()) ** 0.5

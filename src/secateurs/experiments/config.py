@@ -35,7 +35,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "lenet300_100"
-    init: str | None = None  # None: the model's own; or "glorot_normal" / "variance_scaling"
+    init: str | None = None  # None: the model's own; or "glorot_normal" / "variance_scaling" / "lecun_normal"
 
     def __post_init__(self) -> None:
         from ..models._common import INITIALISATIONS
@@ -77,6 +77,9 @@ class PruneConfig:
     tickets, Frankle & Carbin 2019; with ``cumulative`` this is iterative magnitude pruning)
     or ``reinit`` to a fresh random initialisation (Scratch-E / Scratch-B, Liu et al. 2019,
     with ``finetune`` set to the dense schedule or a longer one).
+    For at-init methods ``reinit`` trains the mask from an independent initialisation (the
+    SNIP reference code's practice); ``rewind`` equals ``keep`` there. During-training
+    methods take no reset.
     """
 
     method: str = "magnitude"

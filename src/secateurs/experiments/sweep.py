@@ -193,6 +193,11 @@ class _Sweep:
         self.progress, self.echo = progress, echo
         self.data = _Data(config, dataset)
         self.timing = METHODS.get(config.prune.method).timing
+        if self.timing == "during" and config.prune.reset != "keep":
+            raise ConfigError(
+                f"prune.reset {config.prune.reset!r} does not apply to {config.prune.method!r}, which prunes during "
+                "training from the initialisation; remove prune.reset (resets apply to at-init and after-training methods)"
+            )
         probe = build_model(config, dataset)
         prunable = list(select_prunable(probe, config.prune.include, config.prune.exclude))
         self.macs = layer_macs(probe, self.data.example(), prunable)
@@ -297,6 +302,7 @@ class _Sweep:
             self.echo(f"resumed {phase} at epoch {trainer.state.epoch}/{config.train.epochs}")
         elif self.timing == "init":
             sparsifier.prune(target)
+            _reset(config, model, sparsifier, self.dataset)
         history = trainer.fit()
         save_checkpoint(self.run_dir.checkpoint(phase), trainer.state_dict())
         row = _level_row(phase, target, trainer, sparsifier, self.data, history, None)
@@ -315,7 +321,9 @@ class _Sweep:
 def _reset(config: ExperimentConfig, model, sparsifier: Sparsifier, dataset: ImageDataset) -> None:
     """Give the pruned network its starting weights (``prune.reset``): the initialisation
     of this seed (``rewind``) or of an unrelated seed (``reinit``), every parameter and
-    buffer, with the new mask applied."""
+    buffer, with the new mask applied. For an at-init method ``rewind`` is ``keep`` (it
+    pruned the initialisation) and ``reinit`` trains the mask from independent weights, as
+    the SNIP reference code does (it scores one draw and trains another)."""
     if config.prune.reset == "keep":
         return
     seed = config.seed if config.prune.reset == "rewind" else config.seed + 1_000_003

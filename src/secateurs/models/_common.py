@@ -5,6 +5,8 @@ circular import.
 """
 from __future__ import annotations
 
+import math
+
 import torch.nn as nn
 
 from ..errors import ConfigError
@@ -62,8 +64,9 @@ def kaiming_init(model: nn.Module, mode: str = "fan_out") -> None:
 
 def variance_scaling_init(model: nn.Module) -> None:
     """He-normal (fan-in) weights of every conv / linear layer, zero biases: the "VS-H"
-    variance-scaling initialisation SNIP trains its sparse networks from (Lee et al. 2019).
-    Its larger scale than Glorot's keeps a very sparse layer's signal from vanishing."""
+    variance scaling among the initialisations SNIP (Lee et al. 2019) is tested under. Its
+    larger scale than Glorot's keeps a very sparse layer's signal from vanishing. (The SNIP
+    reference code itself uses TensorFlow's default, :func:`lecun_normal_init`.)"""
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
@@ -71,5 +74,28 @@ def variance_scaling_init(model: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
+#: the standard deviation of a unit normal truncated to [-2, 2]: dividing by it gives the
+#: truncated draw the variance the untruncated one would have (as TensorFlow does)
+_TRUNCATED_STD = 0.87962566103423978
+
+
+def lecun_normal_init(model: nn.Module) -> None:
+    """Truncated-normal weights with variance 1 / fan-in, zero biases: TensorFlow's default
+    ``variance_scaling_initializer()`` (Keras ``lecun_normal``). This is what the SNIP
+    reference code (``namhoonlee/snip-public``, TensorFlow) initialises its LeNets with, so
+    a reproduction can start from the same distribution; it is half He's variance."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            fan_in = m.weight[0].numel()
+            std = math.sqrt(1.0 / fan_in) / _TRUNCATED_STD
+            nn.init.trunc_normal_(m.weight, 0.0, std, -2.0 * std, 2.0 * std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 #: initialisations a config may ask for instead of a model's own (``model.init``)
-INITIALISATIONS = {"glorot_normal": glorot_init, "variance_scaling": variance_scaling_init}
+INITIALISATIONS = {
+    "glorot_normal": glorot_init,
+    "variance_scaling": variance_scaling_init,
+    "lecun_normal": lecun_normal_init,
+}
