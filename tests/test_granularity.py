@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from secateurs import PruningNotice
 from torch import nn
 
 from secateurs.errors import ConfigError, SparsityMismatchError
@@ -132,8 +134,10 @@ def test_sparsifier_keeps_the_pattern_through_sgd_momentum_fine_tuning():
 
 def test_sparsifier_general_nm_exclude_keep_dense_and_errors():
     model = _mlp((10, 16, 8))  # "0.weight" has 10 inputs: not divisible by 4
-    with pytest.raises(ConfigError, match=r"0\.weight \(16, 10\)"):
-        NMSparsifier(model, n=2, m=4)
+    with pytest.warns(PruningNotice, match=r"left 1 layer\(s\) dense .* 0\.weight \(16, 10\)"):
+        s = NMSparsifier(model, n=2, m=4)  # the misfit stays dense, as NVIDIA's ASP does
+    s.prune()
+    assert s.left_dense == ["0.weight"] and s.masks["0.weight"].all() and check_nm(s.masks["2.weight"], 2, 4)
     s = NMSparsifier(model, exclude=["0.weight"], n=1, m=4)
     s.prune()
     assert s.masks.names() == ["2.weight"] and s.sparsity == 0.75

@@ -14,6 +14,7 @@ from .errors import (
     SparsityMismatchError,
     UnknownNameError,
 )
+from .layers import PruningNotice, register_layer
 from .masks import Masks, select_prunable
 from .methods import METHODS, Magnitude, Random, Sparsifier
 from .schedules import Constant, Cubic, Geometric, OneShot, build_schedule
@@ -21,7 +22,7 @@ from .schedules import Constant, Cubic, Geometric, OneShot, build_schedule
 __version__ = "0.1.0"
 
 __all__ = [
-    "Masks", "select_prunable", "Sparsifier", "Magnitude", "Random", "METHODS",
+    "Masks", "select_prunable", "register_layer", "PruningNotice", "Sparsifier", "Magnitude", "Random", "METHODS",
     "OneShot", "Constant", "Geometric", "Cubic", "build_schedule",
     "allocate", "check_sparsity", "erk_densities", "keep_count", "prune",
     "SecateursError", "ConfigError", "UnknownNameError", "SparsityMismatchError",

@@ -7,8 +7,9 @@ dense accuracy (Mishra et al. 2021, "Accelerating sparse deep neural networks": 
 prune 2:4 by magnitude, retrain with the mask). General N:M (1:4, 2:8, 4:8, ...) is trainable the same way (Zhou et al.
 2021, "Learning N:M fine-grained structured sparse neural networks from scratch").
 
-Layout. Dimension 0 of a weight is its output dimension; a group is ``m`` consecutive entries
-of the row ``weight.reshape(out, -1)``: along ``in`` for a Linear ``[out, in]`` and along the
+Layout. A group is ``m`` consecutive entries of one output's row of inputs,
+:func:`secateurs.layers.as_rows` (``weight.reshape(out, -1)`` when dimension 0 is the output,
+as for Linear and Conv; transformers' ``Conv1D`` stores ``[in, out]`` and is transposed first): along ``in`` for a Linear ``[out, in]`` and along the
 flattened ``in * kh * kw`` (PyTorch's contiguous order: channel-major, then kernel rows and
 columns) for a Conv ``[out, in, kh, kw]``. That row is the one a convolution lowered to a GEMM
 (``unfold``) multiplies, so one rule serves every layer type. NVIDIA's ASP permutes conv
@@ -23,13 +24,13 @@ so training with them costs what unstructured masks cost; the fast kernels are u
 """
 from __future__ import annotations
 
-import math
 from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .errors import ConfigError, SparsityMismatchError
+from .layers import as_rows, fan_in, from_rows
 from .masks import Masks, unwrap_model
 from .scores import magnitude
 
@@ -56,46 +57,49 @@ def check_nm_config(n: int, m: int) -> tuple[int, int]:
     return n, m
 
 
-def _fan_in(shape: torch.Size | Sequence[int]) -> int:
-    return math.prod(shape[1:])
+def _fan_in(shape: torch.Size | Sequence[int], output_axis: int = 0) -> int:
+    return fan_in(shape, output_axis)
 
 
-def nm_compatible(shape: torch.Size | Sequence[int], m: int) -> bool:
+def nm_compatible(shape: torch.Size | Sequence[int], m: int, output_axis: int = 0) -> bool:
     """Whether a weight of ``shape`` splits into groups of ``m`` along its input dimension."""
-    return len(shape) >= 2 and _fan_in(shape) % m == 0
+    return len(shape) >= 2 and _fan_in(shape, output_axis) % m == 0
 
 
-def _groups(t: torch.Tensor, m: int, name: str) -> torch.Tensor:
-    """``t`` viewed as ``[out, fan_in // m, m]``, or a ConfigError naming the layer."""
+def _groups(t: torch.Tensor, m: int, name: str, output_axis: int = 0) -> torch.Tensor:
+    """``t`` as ``[out, fan_in // m, m]`` (rows per output unit, whatever the layout), or a
+    ConfigError naming the layer."""
     if t.dim() < 2:
         raise ConfigError(
             f"{name} has shape {tuple(t.shape)}: N:M groups run along the input dimension of a weight "
             "[out, in] or [out, in, *kernel]; exclude this parameter from N:M pruning"
         )
-    fan_in = _fan_in(t.shape)
-    if fan_in % m:
+    per_output = _fan_in(t.shape, output_axis)
+    if per_output % m:
         raise ConfigError(
-            f"{name} has shape {tuple(t.shape)} with {fan_in} inputs per output (in * kernel size), "
+            f"{name} has shape {tuple(t.shape)} with {per_output} inputs per output (in * kernel size), "
             f"not divisible by m={m}; exclude it (exclude=[{name!r}] or keep_dense=[{name!r}]) "
-            f"or pick an m that divides {fan_in}"
+            f"or pick an m that divides {per_output}"
         )
-    return t.reshape(t.shape[0], fan_in // m, m)
+    return as_rows(t, output_axis).reshape(t.shape[output_axis], per_output // m, m)
 
 
-def nm_mask(scores: torch.Tensor, n: int, m: int, *, name: str = "weight") -> torch.Tensor:
+def nm_mask(scores: torch.Tensor, n: int, m: int, *, name: str = "weight", output_axis: int = 0) -> torch.Tensor:
     """Bool mask keeping the ``n`` highest scores of every ``m`` consecutive inputs.
 
     Ties go to the lowest input index (a stable sort), as in :func:`secateurs.selection.topk_mask`,
     so the mask is deterministic on any device; ``-inf`` marks entries to keep only when a group
-    has too few others. ``name`` only labels errors.
+    has too few others. ``output_axis`` is the axis of output units (1 for transformers'
+    ``Conv1D``, stored ``[in, out]``): groups always run along the inputs. ``name`` only labels
+    errors.
     """
     check_nm_config(n, m)
-    groups = _groups(scores.detach(), m, name).float()
+    groups = _groups(scores.detach(), m, name, output_axis).float()
     if torch.isnan(groups).any():
         raise ConfigError(f"scores of {name} contain NaN; check the model's weights or the score's inputs")
     top = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :n]
     keep = torch.zeros(groups.shape, dtype=torch.bool, device=groups.device).scatter_(-1, top, True)
-    return keep.reshape(scores.shape)
+    return from_rows(keep, scores.shape, output_axis)
 
 
 def nm_masks(
@@ -103,42 +107,45 @@ def nm_masks(
     n: int,
     m: int,
     scores: Mapping[str, torch.Tensor] | None = None,
+    output_axes: Mapping[str, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """N:M masks for many layers, by ``scores`` (default: magnitude ``|w|``, as in Mishra et
-    al. 2021). Every layer must split into groups of ``m``; the error lists all that do not."""
+    al. 2021). Every layer must split into groups of ``m``; the error lists all that do not.
+    ``output_axes`` gives each weight's output axis (default 0; see :mod:`secateurs.layers`)."""
     check_nm_config(n, m)
-    bad = [f"{k} {tuple(w.shape)}" for k, w in weights.items() if not nm_compatible(w.shape, m)]
+    axes = {k: (output_axes or {}).get(k, 0) for k in weights}
+    bad = [f"{k} {tuple(w.shape)}" for k, w in weights.items() if not nm_compatible(w.shape, m, axes[k])]
     if bad:
         raise ConfigError(
             f"N:M needs every layer's inputs per output (in * kernel size) divisible by m={m}; "
             f"these are not: {', '.join(bad[:6])}; leave them out or pick another m"
         )
     scores = magnitude(weights) if scores is None else scores
-    return {k: nm_mask(scores[k], n, m, name=k) for k in weights}
+    return {k: nm_mask(scores[k], n, m, name=k, output_axis=axes[k]) for k in weights}
 
 
-def check_nm(mask: torch.Tensor, n: int, m: int) -> bool:
+def check_nm(mask: torch.Tensor, n: int, m: int, output_axis: int = 0) -> bool:
     """Whether ``mask`` keeps exactly ``n`` of every ``m`` consecutive inputs.
 
     Exactly, not at most: the hardware needs at most ``n`` non-zeros per group, which any
     weight under such a mask satisfies, and masks made here always hold ``n``."""
     check_nm_config(n, m)
-    if not nm_compatible(mask.shape, m):
+    if not nm_compatible(mask.shape, m, output_axis):
         return False
-    kept = _groups(mask, m, "mask").sum(dim=-1, dtype=torch.int64)
+    kept = _groups(mask, m, "mask", output_axis).sum(dim=-1, dtype=torch.int64)
     return bool((kept == n).all())
 
 
-def assert_nm(mask: torch.Tensor, n: int, m: int, name: str = "mask") -> None:
+def assert_nm(mask: torch.Tensor, n: int, m: int, name: str = "mask", output_axis: int = 0) -> None:
     """Raise :class:`SparsityMismatchError` naming ``name`` and its first bad group unless
     ``mask`` is exactly N:M."""
     check_nm_config(n, m)
-    if not nm_compatible(mask.shape, m):
+    if not nm_compatible(mask.shape, m, output_axis):
         raise SparsityMismatchError(
             f"{name} of shape {tuple(mask.shape)} cannot be {n}:{m} sparse: its inputs per output "
             f"are not a whole number of groups of {m}"
         )
-    kept = _groups(mask, m, name).sum(dim=-1, dtype=torch.int64)
+    kept = _groups(mask, m, name, output_axis).sum(dim=-1, dtype=torch.int64)
     wrong = torch.nonzero(kept != n)
     if wrong.numel():
         row, group = (int(i) for i in wrong[0])

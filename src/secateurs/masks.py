@@ -15,14 +15,11 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ConfigError, SparsityMismatchError
+from .layers import class_layer_type, layer_type, notice, registered_layers, unregistered_matrix_modules
 
-#: Module types whose ``weight`` is prunable by default.
-DEFAULT_PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-)
+#: ``types=None`` means every registered layer type (:mod:`secateurs.layers`): Linear, Conv1d/2d/3d,
+#: transformers' Conv1D and whatever a user registers.
+DEFAULT_PRUNABLE_TYPES = None
 
 _STATE_FORMAT = "secateurs.masks/1"
 
@@ -46,50 +43,154 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def _aliases(model: nn.Module) -> tuple[dict[int, list[str]], dict[int, list[nn.Module]]]:
+    """Every name of every parameter (tied parameters have several; the first is the one
+    ``named_parameters()`` reports, the canonical name) and every module that owns it."""
+    names: dict[int, list[str]] = {}
+    owners: dict[int, list[nn.Module]] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for p_name, p in module._parameters.items():
+            if p is None:
+                continue
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            if full not in names.setdefault(id(p), []):
+                names[id(p)].append(full)
+            if all(o is not module for o in owners.setdefault(id(p), [])):
+                owners[id(p)].append(module)
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    for key, listed in names.items():  # canonical name first
+        listed.sort(key=lambda n: n != canonical.get(key))
+    return names, owners
+
+
+def prunable_layout(
+    model: nn.Module,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    types: Sequence[type[nn.Module]] | None = DEFAULT_PRUNABLE_TYPES,
+    quiet: bool = False,
+) -> tuple[dict[str, nn.Parameter], dict[str, int | None], dict[str, list[str]]]:
+    """``(params, output_axes, aliases)`` of the parameters to mask, keyed by canonical name
+    (the name ``model.named_parameters()`` gives), in registration order.
+
+    By default: the weight of every module of a registered layer type (see
+    :func:`secateurs.layers.register_layer`), or of ``types`` only. A weight *tied* to a module
+    that is not a layer (a language model's output head sharing the token embedding) is left
+    out, with one :class:`~secateurs.layers.PruningNotice`: pruning it would prune the
+    embedding. ``include`` (glob patterns matched against every name of a parameter, aliases
+    included) replaces the default; ``exclude`` removes names. A pattern that matches nothing
+    is an error: it is almost always a typo. ``output_axes[name]`` is the axis indexing
+    outputs, or None for a parameter of an unregistered module chosen by ``include``.
+    """
+    model = unwrap_model(model)
+    names, owners = _aliases(model)
+    params = {id(p): p for _, p in model.named_parameters()}
+    canonical = {key: listed[0] for key, listed in names.items() if key in params}
+
+    def axis_of(key: int) -> int | None:
+        for module in owners.get(key, []):
+            kind = layer_type(module)
+            if kind is not None and module._parameters.get(kind.param) is params[key]:
+                return kind.output_axis
+        return None
+
+    chosen: dict[int, str] = {}
+    if include is not None:
+        include = list(include)
+        for pattern in include:
+            if not any(fnmatch.fnmatchcase(n, pattern) for listed in names.values() for n in listed):
+                raise ConfigError(
+                    f"include pattern {pattern!r} matches no parameter; "
+                    f"parameter names look like: {', '.join(list(canonical.values())[:6])}"
+                )
+        for key, listed in names.items():
+            if key in params and any(_matches(n, include) for n in listed):
+                chosen[key] = canonical[key]
+                if len(listed) > 1 and not quiet:
+                    notice(
+                        f"{' = '.join(listed)} are one tied parameter: its mask is named {listed[0]!r} "
+                        "and prunes every use of it"
+                    )
+    else:
+        if types is not None:
+            types = tuple(types)
+            missing = [t.__name__ for t in types if class_layer_type(t) is None]
+            if missing:
+                raise ConfigError(
+                    f"types {missing} are not registered layer types, so their weight layout is unknown; "
+                    f"register them first, e.g. secateurs.register_layer({missing[0]}, output_axis=0) "
+                    f"(registered: {', '.join(registered_layers())})"
+                )
+        left_out = []
+        for _mod_name, module in model.named_modules():
+            kind = layer_type(module)
+            if kind is None or (types is not None and not isinstance(module, types)):
+                continue
+            p = module._parameters.get(kind.param)
+            if not isinstance(p, nn.Parameter) or id(p) not in params:
+                continue
+            key = id(p)
+            others = [o for o in owners[key] if layer_type(o) is None]
+            if others:
+                left_out.append((names[key], type(others[0]).__name__))
+                continue
+            chosen[key] = canonical[key]
+        if left_out and not quiet:
+            shown = "; ".join(f"{' = '.join(n)} (shared with a {t})" for n, t in left_out[:3])
+            notice(
+                f"not pruned: {shown}. A tied weight is shared with a module that is not a prunable layer "
+                f"(usually the token embedding), so pruning it would prune that too; to prune it anyway, "
+                f"pass include=[...] with its name"
+            )
+        unknown = unregistered_matrix_modules(model)
+        if unknown and not quiet:
+            shown = ", ".join(f"{n} ({t})" for n, t in unknown[:4])
+            notice(
+                f"not pruned: {shown}{' and more' if len(unknown) > 4 else ''} hold matrix weights but their "
+                f"types are not registered layers; register one with secateurs.register_layer({unknown[0][1]}, "
+                "output_axis=0) or choose its weight with include=[...]"
+            )
+    order = {id(p): i for i, (_, p) in enumerate(model.named_parameters())}
+    keys = sorted(chosen, key=order.__getitem__)
+    chosen_params = {chosen[k]: params[k] for k in keys}
+    axes = {chosen[k]: axis_of(k) for k in keys}
+    aliases = {chosen[k]: list(names[k]) for k in keys}
+    for pattern in exclude:
+        if not any(fnmatch.fnmatchcase(n, pattern) for k in keys for n in names[k]):
+            raise ConfigError(
+                f"exclude pattern {pattern!r} matches no prunable parameter; "
+                f"prunable names are: {', '.join(list(chosen_params)[:6])}"
+            )
+    dropped = {chosen[k] for k in keys if _matches_any(names[k], exclude)}
+    chosen_params = {n: p for n, p in chosen_params.items() if n not in dropped}
+    if not chosen_params:
+        kinds = ", ".join(t.__name__ for t in types) if types is not None else ", ".join(registered_layers())
+        raise ConfigError(
+            f"{type(model).__name__} has no prunable parameters (weights of {kinds}); "
+            "pass include=['<glob on parameter names>'] to choose them, or register its layer type "
+            "with secateurs.register_layer(...)"
+        )
+    return (
+        chosen_params,
+        {n: axes[n] for n in chosen_params},
+        {n: aliases[n] for n in chosen_params},
+    )
+
+
+def _matches_any(names: Iterable[str], patterns: Iterable[str]) -> bool:
+    patterns = list(patterns)
+    return any(_matches(n, patterns) for n in names)
+
+
 def select_prunable(
     model: nn.Module,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
-    types: Sequence[type[nn.Module]] = DEFAULT_PRUNABLE_TYPES,
+    types: Sequence[type[nn.Module]] | None = DEFAULT_PRUNABLE_TYPES,
 ) -> dict[str, nn.Parameter]:
-    """Parameters to mask, by name, in the model's registration order.
-
-    By default the ``weight`` of every module of one of ``types``. ``include`` (glob patterns
-    on parameter names, e.g. ``"features.*.weight"``) replaces that default; ``exclude``
-    removes names. A pattern that matches nothing is an error: it is almost always a typo.
-    """
-    model = unwrap_model(model)
-    named = dict(model.named_parameters())
-    if include is not None:
-        include = list(include)
-        for pattern in include:
-            if not any(fnmatch.fnmatchcase(n, pattern) for n in named):
-                raise ConfigError(
-                    f"include pattern {pattern!r} matches no parameter; "
-                    f"parameter names look like: {', '.join(list(named)[:6])}"
-                )
-        chosen = {n: p for n, p in named.items() if _matches(n, include)}
-    else:
-        type_tuple = tuple(types)
-        chosen = {}
-        for mod_name, module in model.named_modules():
-            weight = getattr(module, "weight", None)
-            if isinstance(module, type_tuple) and isinstance(weight, nn.Parameter):
-                chosen[f"{mod_name}.weight" if mod_name else "weight"] = weight
-    for pattern in exclude:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in chosen):
-            raise ConfigError(
-                f"exclude pattern {pattern!r} matches no prunable parameter; "
-                f"prunable names are: {', '.join(list(chosen)[:6])}"
-            )
-    chosen = {n: p for n, p in chosen.items() if not _matches(n, exclude)}
-    if not chosen:
-        kinds = ", ".join(t.__name__ for t in types)
-        raise ConfigError(
-            f"{type(model).__name__} has no prunable parameters (weights of {kinds}); "
-            "pass include=['<glob on parameter names>'] to choose them"
-        )
-    return chosen
+    """Parameters to mask, by canonical name, in the model's registration order (see
+    :func:`prunable_layout` for the rules)."""
+    return prunable_layout(model, include, exclude, types)[0]
 
 
 class Masks:
@@ -105,9 +206,14 @@ class Masks:
         model: nn.Module,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
-        types: Sequence[type[nn.Module]] = DEFAULT_PRUNABLE_TYPES,
+        types: Sequence[type[nn.Module]] | None = DEFAULT_PRUNABLE_TYPES,
     ):
-        self.params: dict[str, nn.Parameter] = select_prunable(model, include, exclude, types)
+        self.params: dict[str, nn.Parameter]
+        #: the axis of each weight that indexes output units (None: not a registered layer)
+        self.output_axes: dict[str, int | None]
+        #: every name of each parameter, canonical first (tied parameters have several)
+        self.aliases: dict[str, list[str]]
+        self.params, self.output_axes, self.aliases = prunable_layout(model, include, exclude, types)
         self.masks: dict[str, torch.Tensor] = {
             n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()
         }

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .layers import layer_type
+from .outputs import split_batch
 from .registry import Registry
 from .scores import random as random_scores
 
@@ -86,7 +88,7 @@ class CosineRegrowth(RegrowthRule):
                 "cosine regrowth needs activations: give the sparsifier batches=<callable returning "
                 "an iterable of (x, y) batches>"
             )
-        scores = regrow_by_cosine(ctx.model, ctx.weights, ctx.batch[0])
+        scores = regrow_by_cosine(ctx.model, ctx.weights, split_batch(ctx.batch)[0])
         if self.explore > 0:
             scores = mix_random(scores, ctx.masks, ctx.counts, self.explore, ctx.generator)
         return scores
@@ -121,14 +123,21 @@ def regrow_by_gradient(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.T
 
 
 def _owners(model: nn.Module, names) -> dict[str, nn.Module]:
-    modules = dict(model.named_modules())
+    """The layer owning each weight; a weight must be the parameter of a registered layer type."""
+    params = dict(model.named_parameters())
     owners = {}
     for name in names:
-        owner = modules.get(name.rpartition(".")[0])
-        if not isinstance(owner, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or not name.endswith("weight"):
+        owner = None
+        for module in model.modules():
+            kind = layer_type(module)
+            if kind is not None and module._parameters.get(kind.param) is params.get(name):
+                owner = module
+                break
+        if owner is None:
             raise ConfigError(
-                f"cosine regrowth works on Linear / Conv weights; {name} is not one (exclude it from "
-                "the prunable parameters or use gradient / random regrowth)"
+                f"cosine regrowth compares a layer's input and output activations; {name} is not the weight "
+                "of a registered layer type (Linear, Conv, transformers' Conv1D, or one registered with "
+                "secateurs.register_layer); exclude it or use gradient / random regrowth"
             )
         owners[name] = owner
     return owners
@@ -158,6 +167,7 @@ def regrow_by_cosine(model: nn.Module, weights: Mapping[str, torch.Tensor], x: t
     Runs one forward pass in eval mode (no batch-norm statistics change) with temporary hooks.
     """
     from .masks import unwrap_model
+    from .outputs import call_model
 
     model = unwrap_model(model)
     owners = _owners(model, weights)
@@ -169,24 +179,25 @@ def regrow_by_cosine(model: nn.Module, weights: Mapping[str, torch.Tensor], x: t
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in owners.items()]
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
-        model(x)
+        call_model(model, x)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
     scores = {}
     for name, module in owners.items():
         if name not in seen:
             raise ConfigError(f"{name} was not used in the forward pass, so it has no activations to compare")
         inp, out = seen[name]
-        linear = isinstance(module, nn.Linear)
-        sim = _abs_cosine(_unit_activations(out, linear), _unit_activations(inp, linear))  # (out, in)
         w = weights[name]
+        linear = w.dim() == 2  # Linear-like: units on the last axis of its input and output
+        sim = _abs_cosine(_unit_activations(out, linear), _unit_activations(inp, linear))  # (out, in)
         if linear:
-            scores[name] = sim.to(w.device)
+            scores[name] = (sim if layer_type(module).output_axis == 0 else sim.T).contiguous().to(w.device)
             continue
         groups = module.groups
         out_c, in_per_group = w.shape[0], w.shape[1]

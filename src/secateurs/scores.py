@@ -10,12 +10,13 @@ from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import ConfigError
 from .masks import unwrap_model
+from .outputs import LossFn, call_model, logits_of, split_batch, task_loss
 from .registry import Registry
 
 
@@ -93,8 +94,12 @@ def _scoring(model: nn.Module, eval_mode: bool) -> Iterator[None]:
             m.training = flag
 
 
-def _forward(model: nn.Module, tensors: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    return functional_call(model, dict(tensors), (x,), strict=False)
+def _forward(model: nn.Module, tensors: Mapping[str, torch.Tensor], inputs) -> object:
+    """The model's output on ``inputs`` (a tensor, tuple or mapping: see
+    :mod:`secateurs.outputs`) with ``tensors`` substituted for its parameters and buffers."""
+    return call_model(
+        model, inputs, through=lambda m, args, kwargs: functional_call(m, dict(tensors), args, kwargs, strict=False)
+    )
 
 
 def _grads(output: torch.Tensor, leaves: Mapping[str, torch.Tensor], **kw) -> dict[str, torch.Tensor]:
@@ -104,7 +109,8 @@ def _grads(output: torch.Tensor, leaves: Mapping[str, torch.Tensor], **kw) -> di
 
 
 def _batches(batches: Iterable, what: str) -> list:
-    out = list(batches)
+    """The batches as ``(inputs, targets)`` pairs (targets may be None for a causal LM)."""
+    out = [split_batch(b) for b in batches]
     if not out:
         raise ConfigError(
             f"{what} needs at least one (x, y) batch, but the batches iterable was empty; "
@@ -116,8 +122,8 @@ def _batches(batches: Iterable, what: str) -> list:
 def snip(
     model: nn.Module,
     weights: Mapping[str, torch.Tensor],
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    batches: Iterable,
+    loss_fn: LossFn | None = None,
 ) -> dict[str, torch.Tensor]:
     """Connection sensitivity ``|g ⊙ w|`` (Lee et al. 2019, SNIP): the paper's
     ``s_j = |∂L/∂c_j| / Σ_k |∂L/∂c_k|`` at mask ``c = 1``, with ``∂L/∂c_j = w_j g_j`` for the
@@ -129,7 +135,9 @@ def snip(
     one larger batch), taken at the *current*, masked weights; the paper's normalisation by
     the sum of all scores is dropped because it does not change any ranking. The model runs in
     the mode it is in (batch norm uses batch statistics in train mode; its running statistics
-    are not updated).
+    are not updated). Inputs, outputs and the default loss follow :mod:`secateurs.outputs`
+    (cross-entropy on the logits, next-token for a causal LM); ``loss_fn(logits, targets)``
+    overrides the loss.
     """
     model = unwrap_model(model)
     batches = _batches(batches, "snip")
@@ -137,7 +145,7 @@ def snip(
         leaves = _leaves(weights)
         total = {n: torch.zeros_like(t) for n, t in leaves.items()}
         for x, y in batches:
-            loss = loss_fn(_forward(model, {**_buffer_copies(model), **leaves}, x), y)
+            loss = task_loss(model, _forward(model, {**_buffer_copies(model), **leaves}, x), y, x, loss_fn)
             for n, g in _grads(loss, leaves).items():
                 total[n] += g
     return {n: (total[n] * weights[n].detach()).abs() for n in weights}
@@ -146,8 +154,8 @@ def snip(
 def grasp(
     model: nn.Module,
     weights: Mapping[str, torch.Tensor],
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    batches: Iterable,
+    loss_fn: LossFn | None = None,
     temperature: float = 200.0,
 ) -> dict[str, torch.Tensor]:
     """Gradient signal preservation, returned as a keep score ``θ ⊙ Hg`` (Wang et al. 2020).
@@ -174,10 +182,12 @@ def grasp(
     batches = _batches(batches, "grasp")
 
     def loss_of(leaves, x, y):
-        out = _forward(model, {**_buffer_copies(model), **leaves}, x)
-        return loss_fn(out / temperature, y)
+        logits = logits_of(_forward(model, {**_buffer_copies(model), **leaves}, x))
+        return task_loss(model, logits / temperature, y, x, loss_fn)
 
-    with _scoring(model, eval_mode=False):
+    # double backward: PyTorch's fused attention kernels have no second derivative, the math
+    # kernel does (same result up to rounding)
+    with _scoring(model, eval_mode=False), sdpa_kernel([SDPBackend.MATH]):
         leaves = _leaves(weights)
         g = {n: torch.zeros_like(t) for n, t in leaves.items()}
         with _fork_rng(model):
@@ -199,6 +209,7 @@ def synflow(
     weights: Mapping[str, torch.Tensor],
     input_shape: Sequence[int],
     dtype: torch.dtype = torch.float64,
+    tokens: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Synaptic saliency ``|θ ⊙ dR/dθ|`` with the data-free objective
     ``R_SF = 1ᵀ (Π_l |θ^[l]|) 1`` (Tanaka et al. 2020, SynFlow, Algorithm 1).
@@ -220,6 +231,13 @@ def synflow(
     The scores are returned in ``dtype``, unnormalised; rescale them
     (e.g. by a power of two) before any float32 step. The live model is never modified: the
     linearised values are handed to :func:`torch.func.functional_call`.
+
+    **Token models.** All-ones is not a sequence of token ids. For a model with token
+    embeddings (``tokens=None`` detects an ``nn.Embedding``; force it with ``tokens=True`` /
+    ``False``) the all-ones input is defined in embedding space: every embedding table is
+    replaced by ones, so each position's input vector is all ones, and the model is fed token
+    0 at ``input_shape = (sequence_length,)`` positions. The output is reduced through
+    :func:`~secateurs.outputs.logits_of`, so a Hugging Face ``ModelOutput`` works as it is.
     """
     model = unwrap_model(model)
     shape = tuple(int(s) for s in input_shape)
@@ -229,14 +247,23 @@ def synflow(
             f"e.g. (1, 28, 28); got {tuple(input_shape)!r}"
         )
     device = next(iter(weights.values())).device
+    embeddings = {f"{n}.weight" if n else "weight" for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    if tokens is None:
+        tokens = bool(embeddings)
     with _scoring(model, eval_mode=True):
         tensors = _buffer_copies(model, lambda b: b.detach().abs().to(dtype))
         tensors.update(
             {n: p.detach().abs().to(dtype) for n, p in model.named_parameters() if p.is_floating_point()}
         )
+        if tokens:
+            tensors.update({n: torch.ones_like(tensors[n]) for n in embeddings if n in tensors})
         leaves = {n: w.detach().abs().to(dtype).requires_grad_(True) for n, w in weights.items()}
         tensors.update(leaves)
-        r = _forward(model, tensors, torch.ones((1, *shape), dtype=dtype, device=device)).sum()
+        if tokens:
+            x = torch.zeros((1, *shape), dtype=torch.long, device=device)
+        else:
+            x = torch.ones((1, *shape), dtype=dtype, device=device)
+        r = logits_of(_forward(model, tensors, x)).sum()
         if not torch.isfinite(r):
             raise ConfigError(
                 f"synflow's path norm R overflowed {dtype} ({r.item()}); the network is too deep "

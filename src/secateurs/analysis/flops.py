@@ -20,7 +20,6 @@ Densities are per-layer fractions of weights kept, keyed by parameter name as in
 """
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Iterable, Mapping, Sequence
 
@@ -28,12 +27,15 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..layers import fan_in, layer_type, registered_layers
 from ..masks import unwrap_model
+from ..outputs import call_model, first_tensor
 
 __all__ = ["layer_macs", "inference_flops", "training_flops", "flops_report"]
 
-#: Module types whose multiply-accumulates are counted.
-COUNTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: Module types whose multiply-accumulates are counted: every registered layer type
+#: (:func:`secateurs.layers.register_layer`), i.e. Linear, Conv1d/2d/3d, transformers' Conv1D
+#: and what users register.
 
 
 def _preview(names: Iterable[str], limit: int = 5) -> str:
@@ -45,18 +47,20 @@ def _preview(names: Iterable[str], limit: int = 5) -> str:
 def _weight_name(module_name: str, module: nn.Module, param_names: Mapping[int, str]) -> str:
     # Tied weights appear once in named_parameters(); key them by that canonical name so the
     # result lines up with masks and densities.
-    weight = getattr(module, "weight", None)
+    param = layer_type(module).param
+    weight = getattr(module, param, None)
     if isinstance(weight, torch.Tensor) and id(weight) in param_names:
         return param_names[id(weight)]
-    return f"{module_name}.weight" if module_name else "weight"
+    return f"{module_name}.{param}" if module_name else param
 
 
 def _module_macs(module: nn.Module, output: torch.Tensor) -> int:
-    """Multiply-accumulates of one call, summed over the batch."""
-    if isinstance(module, nn.Linear):
-        return output.numel() * module.in_features
-    per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
-    return output.numel() * per_output
+    """Multiply-accumulates of one call, summed over the batch: every output element costs
+    one MAC per input of its unit (the weight's fan-in, a grouped conv's included), whatever
+    the weight's layout."""
+    kind = layer_type(module)
+    weight = getattr(module, kind.param)
+    return output.numel() * fan_in(weight.shape, kind.output_axis)
 
 
 def layer_macs(
@@ -64,7 +68,8 @@ def layer_macs(
     example_input: torch.Tensor,
     names: Iterable[str] | None = None,
 ) -> dict[str, int]:
-    """Multiply-accumulates per example of every Conv1d/2d/3d and Linear layer.
+    """Multiply-accumulates per example of every registered layer (Linear, Conv1d/2d/3d,
+    transformers' ``Conv1D``, and types registered with :func:`secateurs.layers.register_layer`).
 
     Measured rather than derived from shapes, so any spatial size, stride, padding, grouping
     or N-D linear input is handled: one forward pass of ``example_input`` (batch on dim 0)
@@ -73,23 +78,27 @@ def layer_macs(
     DataParallel, ``torch.compile``) are unwrapped so keys match ``model.named_parameters()``
     of the plain model, e.g. ``"features.0.weight"``.
 
-    Conv: output elements x ``in_channels / groups`` x kernel volume; Linear: output elements
-    x ``in_features`` (RigL, Evci et al. 2020, appendix H). Bias adds, batch norm, activations
+    Every layer: output elements x the weight's fan-in (conv: ``in_channels / groups`` x kernel
+    volume; Linear and Conv1D: ``in_features``) (RigL, Evci et al. 2020, appendix H). Bias adds, batch norm, activations
     and pooling are deliberately not counted, as in RigL. A layer called twice counts twice;
     a layer not reached by the forward pass counts 0. ``names`` restricts the result to those
     weight names.
     """
     model = unwrap_model(model)
-    if not isinstance(example_input, torch.Tensor) or example_input.dim() == 0 or example_input.shape[0] < 1:
+    try:
+        first = first_tensor(example_input)
+    except ConfigError:
+        first = None
+    if first is None or first.dim() == 0 or first.shape[0] < 1:
         raise ConfigError(
-            "layer_macs needs example_input to be a tensor with the batch on dim 0 and at least "
-            "one example, e.g. torch.zeros(1, 3, 32, 32)"
+            "layer_macs needs example_input to be a tensor (or a tuple / mapping of tensors, e.g. "
+            "{'input_ids': ...}) with the batch on dim 0 and at least one example, e.g. torch.zeros(1, 3, 32, 32)"
         )
     param_names = {id(p): n for n, p in model.named_parameters()}
     layers = {
         module: _weight_name(name, module, param_names)
         for name, module in model.named_modules()
-        if isinstance(module, COUNTED_TYPES)
+        if layer_type(module) is not None and isinstance(getattr(module, layer_type(module).param, None), torch.Tensor)
     }
     valid = list(dict.fromkeys(layers.values()))
     if names is not None:
@@ -97,8 +106,8 @@ def layer_macs(
         unknown = [n for n in wanted if n not in valid]
         if unknown:
             raise ConfigError(
-                f"layer_macs: {_preview(unknown)} is not the weight of a Conv1d/2d/3d or Linear "
-                f"layer of this model; use one of {_preview(valid) or 'nothing (the model has none)'}"
+                f"layer_macs: {_preview(unknown)} is not the weight of a registered layer "
+                f"({', '.join(registered_layers())}) of this model; use one of {_preview(valid) or 'nothing (the model has none)'}"
             )
     else:
         wanted = valid
@@ -110,7 +119,7 @@ def layer_macs(
 
     first_param = next(model.parameters(), None)
     if first_param is not None:
-        example_input = example_input.to(first_param.device)
+        example_input = _to(example_input, first_param.device)
     modes = {m: m.training for m in model.modules()}
     handles = []
     try:
@@ -118,15 +127,25 @@ def layer_macs(
             handles.append(module.register_forward_hook(hook))
         model.eval()
         with torch.no_grad():
-            model(example_input)
+            call_model(model, example_input)
     finally:
         for handle in handles:
             handle.remove()
         for module, training in modes.items():
             module.training = training
 
-    batch = example_input.shape[0]
+    batch = first.shape[0]
     return {n: totals[n] // batch for n in wanted}
+
+
+def _to(inputs, device):
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, Mapping):
+        return {k: _to(v, device) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_to(v, device) for v in inputs)
+    return inputs
 
 
 def _check_macs(macs: Mapping[str, int]) -> int:

@@ -21,11 +21,11 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..allocation import allocate, check_sparsity, global_keep, keep_count
 from ..engine import prune as engine_prune
 from ..errors import ConfigError, UnknownNameError
+from ..outputs import first_tensor, split_batch
 from ..resets import INITS, reinitialize_, rewind_, shuffle_within_layers, snapshot
 from ..scores import grasp, random, snip, synflow
 from .base import Sparsifier
@@ -107,7 +107,7 @@ class SNIP(_AtInit):
     ``num_batches`` batches (the paper: one batch), one shot, one global threshold."""
 
     def __init__(self, model, optimizer=None, *, num_batches: int = 1,
-                 loss_fn: Callable = F.cross_entropy, scope: str = "global", **kwargs):
+                 loss_fn: Callable | None = None, scope: str = "global", **kwargs):
         self.num_batches = _check_count(num_batches, "snip num_batches")
         self.loss_fn = loss_fn
         super().__init__(model, optimizer, score=self._score, scope=scope, **kwargs)
@@ -124,7 +124,7 @@ class GraSP(_AtInit):
     on ``num_batches`` batches, with the reference code's logit ``temperature`` = 200."""
 
     def __init__(self, model, optimizer=None, *, num_batches: int = 1, temperature: float = 200.0,
-                 loss_fn: Callable = F.cross_entropy, scope: str = "global", **kwargs):
+                 loss_fn: Callable | None = None, scope: str = "global", **kwargs):
         self.num_batches = _check_count(num_batches, "grasp num_batches")
         if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
             raise ConfigError(f"grasp temperature must be a positive number, got {temperature!r}")
@@ -144,7 +144,9 @@ class SynFlow(_AtInit):
     ``(1 - s) ** (k / rounds)`` at round ``k`` -- the iteration is what avoids layer collapse.
 
     Data-free, but the all-ones input needs the model's input shape: pass ``input_shape``
-    (without the batch dimension, e.g. ``(1, 28, 28)``), or ``batches`` to read it from one
+    (without the batch dimension, e.g. ``(1, 28, 28)``, or ``(sequence_length,)`` for a token
+    model, whose all-ones input is defined in embedding space: see
+    :func:`secateurs.scores.synflow` and ``tokens``), or ``batches`` to read it from one
     batch (the only thing read from it).
 
     With ``scope="global"`` each round keeps the top scores under one threshold (the paper);
@@ -156,7 +158,7 @@ class SynFlow(_AtInit):
     """
 
     def __init__(self, model, optimizer=None, *, rounds: int = 100, input_shape: Sequence[int] | None = None,
-                 scope: str = "global", **kwargs):
+                 tokens: bool | None = None, scope: str = "global", **kwargs):
         self.rounds = _check_count(rounds, "synflow rounds")
         if input_shape is not None:
             shape = tuple(input_shape)
@@ -167,6 +169,7 @@ class SynFlow(_AtInit):
                 )
             input_shape = shape
         self.input_shape = input_shape
+        self.tokens = tokens
         super().__init__(model, optimizer, score=self._score, scope=scope, **kwargs)
 
     def _shape(self) -> tuple[int, ...]:
@@ -177,12 +180,12 @@ class SynFlow(_AtInit):
                     "input_shape=(C, H, W) (without the batch dimension), or batches=<callable returning "
                     "(x, y) batches> to read the shape from one batch"
                 )
-            x, _ = self._next_batch()
-            self.input_shape = tuple(int(s) for s in x.shape[1:])
+            x, _ = split_batch(self._next_batch())
+            self.input_shape = tuple(int(s) for s in first_tensor(x).shape[1:])
         return self.input_shape
 
     def _score(self, weights, generator):
-        raw = synflow(self.model, weights, self._shape())
+        raw = synflow(self.model, weights, self._shape(), tokens=self.tokens)
         top = max((float(s.max()) for s in raw.values() if s.numel()), default=0.0)
         if top <= 0.0:
             return raw

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..granularity import check_nm_config, nm_compatible, nm_mask
+from ..layers import notice
 from ..scores import magnitude
 from ..selection import count
 from .base import ScoreFn, Sparsifier
@@ -25,8 +26,9 @@ class NMSparsifier(Sparsifier):
     This is Mishra et al. 2021's recipe (train dense, prune 2:4 by magnitude, retrain with the
     mask): :meth:`prune` sets the masks and :meth:`step`, called after ``optimizer.step()``,
     keeps pruned weights, their gradients and optimizer state at zero. Each covered layer ends
-    up exactly ``1 - n/m`` sparse; layers in ``keep_dense`` stay dense and layers whose inputs
-    per output are not divisible by ``m`` must be excluded or kept dense (an error otherwise).
+    up exactly ``1 - n/m`` sparse; layers in ``keep_dense`` stay dense, and so do layers whose
+    inputs per output are not divisible by ``m`` (listed in one :class:`PruningNotice` and in
+    ``left_dense``).
 
     ``recompute_every=k > 0`` re-selects the masks by magnitude every ``k`` steps, from the
     weights as ``optimizer.step()`` left them, i.e. *before* this step's re-zeroing: a pruned
@@ -76,10 +78,10 @@ class NMSparsifier(Sparsifier):
             )
         super().__init__(model, optimizer, score=score, sparsity=target, scope="uniform", **kwargs)
         self.n, self.m, self.recompute_every = n, m, recompute_every
+        self._keep_misfits_dense()
         self.covered = [k for k in self.masks.names() if k not in self.fixed_sparsity]
         if not self.covered:
             raise ConfigError("keep_dense covers every prunable layer, so N:M has nothing to prune; narrow keep_dense")
-        self._check_shapes()
         self._nm_set = False
 
     @staticmethod
@@ -90,15 +92,32 @@ class NMSparsifier(Sparsifier):
                 "choose n and m instead of a sparsity (or leave sparsity out)"
             )
 
-    def _check_shapes(self) -> None:
-        shapes = {k: self.masks.params[k].shape for k in self.covered}
-        bad = [f"{k} {tuple(s)}" for k, s in shapes.items() if not nm_compatible(s, self.m)]
-        if bad:
+    def _keep_misfits_dense(self) -> None:
+        """Layers whose inputs per output do not split into groups of ``m`` stay dense, listed
+        in one notice (as NVIDIA's ASP does), instead of refusing the whole model. A weight
+        chosen by ``include`` from a module that is not a registered layer has no known input
+        axis: that is an error naming the module type and how to register it."""
+        unknown = [k for k, axis in self.masks.output_axes.items() if axis is None and k not in self.fixed_sparsity]
+        if unknown:
             raise ConfigError(
-                f"{self.n}:{self.m} sparsity needs each layer's inputs per output (in * kernel size) divisible "
-                f"by m={self.m}; these are not: {', '.join(bad[:6])}; leave them out "
-                f"(exclude=[...]) or keep them dense (keep_dense=[...]), or pick another m"
+                f"N:M groups run along a layer's inputs, but {unknown[0]} is not the weight of a registered "
+                "layer type, so its input axis is unknown; register its module type with "
+                "secateurs.register_layer(<class>, output_axis=...) or leave it out (exclude=[...])"
             )
+        misfits = {
+            k: tuple(self.masks.params[k].shape)
+            for k in self.masks.names()
+            if k not in self.fixed_sparsity
+            and not nm_compatible(self.masks.params[k].shape, self.m, self.masks.output_axes[k])
+        }
+        if misfits:
+            self.fixed_sparsity.update(dict.fromkeys(misfits, 0.0))
+            shown = ", ".join(f"{k} {s}" for k, s in list(misfits.items())[:6])
+            notice(
+                f"{self.n}:{self.m} left {len(misfits)} layer(s) dense because their inputs per output are not "
+                f"divisible by m={self.m}: {shown}{' ...' if len(misfits) > 6 else ''}"
+            )
+        self.left_dense = list(misfits)
 
     @torch.no_grad()
     def prune(self, sparsity: float | None = None) -> dict:
@@ -127,7 +146,8 @@ class NMSparsifier(Sparsifier):
         for k, mask in old.items():
             if k in self.covered:
                 s = scores[k].detach().float()
-                new[k] = nm_mask(s.masked_fill(~mask, -math.inf) if prefer_active else s, self.n, self.m, name=k)
+                new[k] = nm_mask(s.masked_fill(~mask, -math.inf) if prefer_active else s, self.n, self.m, name=k,
+                                 output_axis=self.masks.output_axes[k])
                 expected[k] = mask.numel() // self.m * self.n
             else:
                 new[k], expected[k] = mask.clone(), count(mask)

@@ -22,9 +22,9 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..outputs import call_model, split_batch, task_loss
 from ..registry import Registry
 from .graph import DependencyGraph, Group
 
@@ -95,8 +95,8 @@ def _channel_params(model: nn.Module, group: Group) -> list[tuple[int, torch.Ten
 def taylor_importance(
     model: nn.Module,
     graph: DependencyGraph,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    batches: Iterable,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     order: int = 1,
 ) -> Scores:
     """Taylor importance of each channel (Molchanov et al., 2019) over ``batches``.
@@ -110,18 +110,25 @@ def taylor_importance(
 
     Runs in the model's current mode (BN statistics update in train mode; call
     ``model.eval()`` first to leave them alone). Gradients come from
-    ``torch.autograd.grad``, so existing ``.grad`` fields are untouched.
+    ``torch.autograd.grad``, so existing ``.grad`` fields are untouched. Batches, outputs and
+    the default loss follow :mod:`secateurs.outputs`; ``loss_fn(logits, targets)`` overrides it.
     """
     if order not in (1, 2):
         raise ConfigError(f"taylor_importance order must be 1 or 2, got {order!r}")
     groups = graph.prunable
+    if not groups:
+        raise ConfigError(
+            "taylor_importance: the dependency graph has no prunable channel group, so there is nothing "
+            "to score; graph.frozen maps each group to the reason it may not be pruned"
+        )
     per_group = {g.name: _channel_params(model, g) for g in groups}
     params = list({id(p): p for pairs in per_group.values() for _, p in pairs}.values())
     sums = {g.name: torch.zeros(g.units, dtype=torch.float64) for g in groups}
     firsts = {g.name: torch.zeros(g.units, dtype=torch.float64) for g in groups}
     n = 0
-    for x, y in batches:
-        loss = loss_fn(model(x), y)
+    for batch in batches:
+        x, y = split_batch(batch)
+        loss = task_loss(model, call_model(model, x), y, x, loss_fn)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         gw = {id(p): (g * p).detach() if g is not None else torch.zeros_like(p) for p, g in zip(params, grads)}
         for g in groups:
