@@ -14,20 +14,52 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
+from ..outputs import logits_of
 
 __all__ = ["save_compact", "load_compact"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def save_compact(model: nn.Module, path: PathLike, example_input: torch.Tensor) -> None:
-    """Export ``model`` (eval mode) for inputs shaped like ``example_input`` with any batch."""
-    example = example_input if example_input.shape[0] > 1 else example_input.expand(2, *example_input.shape[1:])
+class _Predict(nn.Module):
+    """The model with its output reduced to the logits (a Hugging Face ``ModelOutput`` carries
+    caches and optional fields that an exported program should not)."""
+
+    def __init__(self, model: nn.Module, keys: tuple[str, ...] = ()):
+        super().__init__()
+        self.model = model
+        self.keys = keys  # keyword inputs, passed positionally in this order
+
+    def forward(self, *args):
+        out = self.model(**dict(zip(self.keys, args))) if self.keys else self.model(*args)
+        return out if isinstance(out, torch.Tensor) else logits_of(out)
+
+
+def _batched(t: torch.Tensor) -> torch.Tensor:
+    return (t if t.shape[0] > 1 else t.expand(2, *t.shape[1:])).contiguous()
+
+
+def save_compact(model: nn.Module, path: PathLike, example_input) -> None:
+    """Export ``model`` (eval mode) for inputs shaped like ``example_input`` (a tensor, a tuple
+    of tensors, or a mapping of keyword tensors such as ``{"input_ids": ...}``) with any batch
+    size. A non-tensor output (a Hugging Face ``ModelOutput``) is saved as its logits. Keyword
+    inputs become positional in the mapping's order: the loaded module is called
+    ``m(input_ids, attention_mask)`` for ``{"input_ids": ..., "attention_mask": ...}``."""
+    batch = torch.export.Dim("batch")
+    keys: tuple[str, ...] = ()
+    if isinstance(example_input, torch.Tensor):
+        args = (_batched(example_input),)
+    elif isinstance(example_input, (tuple, list)):
+        args = tuple(_batched(t) for t in example_input)
+    elif isinstance(example_input, dict):
+        keys, args = tuple(example_input), tuple(_batched(v) for v in example_input.values())
+    else:
+        raise ConfigError(f"example_input must be a tensor, a tuple of tensors or a dict of tensors, got {type(example_input).__name__}")
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
         program = torch.export.export(
-            model, (example.contiguous(),), dynamic_shapes=({0: torch.export.Dim("batch")},)
+            _Predict(model, keys), args, dynamic_shapes={"args": tuple({0: batch} for _ in args)}
         )
     except Exception as err:
         raise ConfigError(

@@ -1,0 +1,449 @@
+"""Structured pruning of transformer blocks: whole attention heads and MLP hidden units.
+
+``torch.fx`` cannot trace Hugging Face transformers (Python control flow, caches, masks built
+from shapes), so this path does not trace at all. A transformer's couplings live inside two
+kinds of block whose structure is fixed by the architecture, and each is recognised by one
+small **block handler** in the :data:`BLOCKS` registry, from the module's children:
+
+* attention: ``q/k/v/o_proj`` (Llama, Mistral, Qwen, ViT, DeiT, Swin and most models in
+  ``transformers`` 5), ``self.query/key/value`` + ``output.dense`` (BERT, RoBERTa), and a
+  fused ``c_attn`` + ``c_proj`` (GPT-2's ``Conv1D``);
+* MLP: ``gate_proj/up_proj/down_proj`` (SwiGLU), ``fc1/fc2``, ``c_fc/c_proj`` and BERT's
+  ``intermediate.dense`` / ``output.dense``.
+
+A handler returns a :class:`UnitGroup`: its units (heads, or key/value groups under
+grouped-query attention, or hidden units) and, for every layer that carries them, the
+:class:`Part` of that layer's outputs or inputs each unit owns. Removing a unit removes its
+slices from every part at once, so q/k/v/o (or gate/up/down) stay consistent; positional
+code (rotary embeddings) is untouched because the head size never changes, and a head's
+per-head parameters (Swin's relative position bias) are sliced with it. A new block type is
+one function decorated with ``@BLOCKS.register(name)``.
+
+Unit importance is the same score vocabulary as elsewhere: ``l1`` (the summed |w| of a unit's
+slices) or first-order ``taylor`` (Molchanov et al. 2019: the squared sum of ``g * w`` over the
+unit's slices, averaged over batches). Removal rebuilds smaller ``Linear`` / ``Conv1D`` layers
+in place: the result is an ordinary dense model of the same class.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..layers import layer_type
+from ..masks import unwrap_model
+from ..outputs import call_model, split_batch, task_loss
+from ..registry import Registry
+
+__all__ = [
+    "Part", "UnitGroup", "BLOCKS", "find_unit_groups", "unit_importance", "remove_units_",
+    "prune_units", "apply_plan", "count_parameters", "save_pretrained_compact",
+]
+
+
+@dataclass(frozen=True)
+class Part:
+    """Unit ``u`` owns indices ``offset + u * width ... + width - 1`` along the ``side``
+    ("out" or "in") of layer ``layer``."""
+
+    layer: str
+    side: str
+    offset: int
+    width: int
+
+
+@dataclass
+class UnitGroup:
+    """Units removed together: the heads of one attention module or the hidden units of one
+    MLP. ``fixup(module, kept)`` updates the block's own attributes after a removal."""
+
+    name: str
+    kind: str
+    module: str
+    units: int
+    unit_size: int
+    parts: list[Part]
+    fixup: Callable[[nn.Module, list[int]], None] | None = None
+    per_unit: list[tuple[str, int]] = field(default_factory=list)  # (parameter name, axis) sliced per unit
+
+
+BlockHandler = Callable[[str, nn.Module], "UnitGroup | None"]
+BLOCKS: Registry[BlockHandler] = Registry("block handler")
+
+
+def _layer(module: nn.Module, path: str) -> nn.Module | None:
+    for attr in path.split("."):
+        module = getattr(module, attr, None)
+        if module is None:
+            return None
+    return module if layer_type(module) is not None else None
+
+
+def _outputs(layer: nn.Module) -> int:
+    kind = layer_type(layer)
+    return getattr(layer, kind.param).shape[kind.output_axis]
+
+
+def _set_int_attrs(module: nn.Module, values: dict[str, int]) -> None:
+    for attr, value in values.items():
+        if isinstance(getattr(module, attr, None), int) and not isinstance(getattr(module, attr), bool):
+            setattr(module, attr, value)
+
+
+def _heads(name: str, q: nn.Module, k: nn.Module, head_dim: int) -> tuple[int, int]:
+    q_out, k_out = _outputs(q), _outputs(k)
+    if head_dim <= 0 or q_out % head_dim or k_out % head_dim:
+        raise ConfigError(
+            f"{name}: head size {head_dim} does not divide the query ({q_out}) and key ({k_out}) widths, so its "
+            "heads cannot be located; check the model's head_dim / num_attention_heads"
+        )
+    heads, kv = q_out // head_dim, k_out // head_dim
+    if heads % kv:
+        raise ConfigError(f"{name}: {heads} query heads do not split into {kv} key/value groups")
+    return heads, kv
+
+
+@BLOCKS.register("qkvo_attention", "attention with q_proj / k_proj / v_proj / o_proj (Llama, ViT, Swin, ...)")
+def qkvo_attention(name: str, module: nn.Module) -> UnitGroup | None:
+    q, k, v, o = (_layer(module, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    head_dim = getattr(module, "head_dim", None)
+    if None in (q, k, v, o) or not isinstance(head_dim, int):
+        return None
+    heads, kv = _heads(name, q, k, head_dim)
+    group = heads // kv  # query heads per key/value head: a unit is one key/value group
+    per_unit = []
+    bias = getattr(module, "relative_position_bias", None)
+    if bias is not None:  # Swin: one bias table column per head
+        table = getattr(bias, "relative_position_bias_table", None)
+        if not isinstance(table, nn.Parameter) or table.shape[-1] != heads or group != 1:
+            raise ConfigError(f"{name}: its relative position bias is not one column per head; heads cannot be removed")
+        per_unit.append(("relative_position_bias.relative_position_bias_table", table.dim() - 1))
+
+    def fixup(m: nn.Module, kept: list[int]) -> None:
+        _set_int_attrs(m, {"num_heads": len(kept) * group, "num_attention_heads": len(kept) * group,
+                           "num_key_value_heads": len(kept)})
+        if bias is not None:
+            _set_int_attrs(m.relative_position_bias, {"num_heads": len(kept), "num_attention_heads": len(kept)})
+
+    return UnitGroup(
+        f"{name}:heads", "heads", name, kv, group * head_dim,
+        [Part(f"{name}.q_proj", "out", 0, group * head_dim), Part(f"{name}.k_proj", "out", 0, head_dim),
+         Part(f"{name}.v_proj", "out", 0, head_dim), Part(f"{name}.o_proj", "in", 0, group * head_dim)],
+        fixup, per_unit,
+    )
+
+
+@BLOCKS.register("bert_attention", "BERT-style attention: self.query / key / value and output.dense")
+def bert_attention(name: str, module: nn.Module) -> UnitGroup | None:
+    q, k, v, o = (_layer(module, p) for p in ("self.query", "self.key", "self.value", "output.dense"))
+    head_dim = getattr(getattr(module, "self", None), "attention_head_size", None)
+    if None in (q, k, v, o) or not isinstance(head_dim, int):
+        return None
+    heads, _ = _heads(name, q, k, head_dim)
+
+    def fixup(m: nn.Module, kept: list[int]) -> None:
+        _set_int_attrs(m.self, {"num_attention_heads": len(kept), "all_head_size": len(kept) * head_dim})
+
+    return UnitGroup(
+        f"{name}:heads", "heads", name, heads, head_dim,
+        [Part(f"{name}.self.query", "out", 0, head_dim), Part(f"{name}.self.key", "out", 0, head_dim),
+         Part(f"{name}.self.value", "out", 0, head_dim), Part(f"{name}.output.dense", "in", 0, head_dim)],
+        fixup,
+    )
+
+
+@BLOCKS.register("fused_qkv_attention", "GPT-2-style attention: one c_attn producing q, k, v, and c_proj")
+def fused_qkv_attention(name: str, module: nn.Module) -> UnitGroup | None:
+    qkv, o = _layer(module, "c_attn"), _layer(module, "c_proj")
+    head_dim, split = getattr(module, "head_dim", None), getattr(module, "split_size", None)
+    if None in (qkv, o) or not isinstance(head_dim, int) or not isinstance(split, int):
+        return None
+    if getattr(module, "is_cross_attention", False) or _outputs(qkv) != 3 * split or split % head_dim:
+        raise ConfigError(f"{name}: c_attn is not three equal q, k, v blocks of whole heads; its heads cannot be removed")
+    heads = split // head_dim
+
+    def fixup(m: nn.Module, kept: list[int]) -> None:
+        _set_int_attrs(m, {"split_size": len(kept) * head_dim, "num_heads": len(kept)})
+
+    return UnitGroup(
+        f"{name}:heads", "heads", name, heads, head_dim,
+        [Part(f"{name}.c_attn", "out", i * split, head_dim) for i in range(3)]
+        + [Part(f"{name}.c_proj", "in", 0, head_dim)],
+        fixup,
+    )
+
+
+def _mlp(name: str, module: nn.Module, producers: Sequence[str], consumer: str) -> UnitGroup | None:
+    layers = [_layer(module, p) for p in (*producers, consumer)]
+    if None in layers:
+        return None
+    units = _outputs(layers[0])
+    if any(_outputs(p) != units for p in layers[1:-1]):
+        return None
+    return UnitGroup(
+        f"{name}:mlp", "mlp", name, units, 1,
+        [Part(f"{name}.{p}", "out", 0, 1) for p in producers] + [Part(f"{name}.{consumer}", "in", 0, 1)],
+    )
+
+
+@BLOCKS.register("gated_mlp", "SwiGLU MLP: gate_proj, up_proj -> down_proj (Llama, Mistral, Qwen)")
+def gated_mlp(name: str, module: nn.Module) -> UnitGroup | None:
+    return _mlp(name, module, ("gate_proj", "up_proj"), "down_proj")
+
+
+@BLOCKS.register("fc_mlp", "MLP fc1 -> fc2 (ViT, DeiT, Swin, ...)")
+def fc_mlp(name: str, module: nn.Module) -> UnitGroup | None:
+    return _mlp(name, module, ("fc1",), "fc2")
+
+
+@BLOCKS.register("conv1d_mlp", "GPT-2 MLP: c_fc -> c_proj")
+def conv1d_mlp(name: str, module: nn.Module) -> UnitGroup | None:
+    return _mlp(name, module, ("c_fc",), "c_proj")
+
+
+@BLOCKS.register("bert_mlp", "BERT layer MLP: intermediate.dense -> output.dense")
+def bert_mlp(name: str, module: nn.Module) -> UnitGroup | None:
+    if _layer(module, "attention") is not None or getattr(module, "attention", None) is None:
+        return None
+    return _mlp(name, module, ("intermediate.dense",), "output.dense")
+
+
+def find_unit_groups(model: nn.Module, exclude: Sequence[str] = (), kinds: Iterable[str] = ("heads", "mlp")) -> list[UnitGroup]:
+    """Every attention-head and MLP-unit group the registered handlers recognise, in module
+    order; ``exclude`` holds glob patterns on group names (``"*.layers.0.*"``)."""
+    model = unwrap_model(model)
+    kinds = set(kinds)
+    groups = []
+    for name, module in model.named_modules():
+        for entry in BLOCKS:
+            group = entry.obj(name, module)
+            if group is not None:
+                if group.kind in kinds and not any(fnmatch.fnmatchcase(group.name, p) for p in exclude):
+                    groups.append(group)
+                break
+    if not groups:
+        raise ConfigError(
+            f"no attention or MLP block of {type(model).__name__} is recognised (handlers: "
+            f"{', '.join(BLOCKS.names())}); register one for its block type with "
+            "@secateurs.structured.blocks.BLOCKS.register(name)"
+        )
+    return groups
+
+
+def _indices(part: Part, units: Iterable[int]) -> torch.Tensor:
+    return torch.cat([torch.arange(part.offset + u * part.width, part.offset + (u + 1) * part.width) for u in units])
+
+
+def _rows(layer: nn.Module, side: str, tensor: torch.Tensor | None = None) -> torch.Tensor:
+    """A layer's weight (or ``tensor`` shaped like it) as [units along side, rest]."""
+    kind = layer_type(layer)
+    w = getattr(layer, kind.param) if tensor is None else tensor
+    axis = kind.output_axis if side == "out" else 1 - kind.output_axis
+    if w.dim() != 2:
+        raise ConfigError(f"unit groups need matrix weights; {type(layer).__name__} has {w.dim()} dims")
+    return w.movedim(axis, 0)
+
+
+def unit_importance(
+    model: nn.Module,
+    groups: Sequence[UnitGroup],
+    importance: str = "l1",
+    batches: Iterable | None = None,
+    loss_fn: Callable | None = None,
+) -> dict[str, torch.Tensor]:
+    """One score per unit of every group (higher = keep): ``"l1"`` sums |w| over the unit's
+    slices; ``"taylor"`` is (Σ g·w over the slices)² averaged over ``batches`` (first-order
+    Taylor, Molchanov et al. 2019; inputs, outputs and loss as in :mod:`secateurs.outputs`)."""
+    model = unwrap_model(model)
+    modules = dict(model.named_modules())
+    if importance == "l1":
+        scores = {}
+        for g in groups:
+            s = torch.zeros(g.units, dtype=torch.float64)
+            for p in g.parts:
+                rows = _rows(modules[p.layer], p.side).detach().abs().double()
+                per_index = rows.reshape(rows.shape[0], -1).sum(1)
+                s += per_index[p.offset:p.offset + g.units * p.width].reshape(g.units, p.width).sum(1)
+            scores[g.name] = s
+        return scores
+    if importance != "taylor":
+        raise ConfigError(f"unknown unit importance {importance!r}; known: l1, taylor")
+    if batches is None:
+        raise ConfigError("taylor unit importance needs batches=[(inputs, targets), ...] (or Hugging Face batch dicts)")
+    layers = sorted({p.layer for g in groups for p in g.parts})
+    weights = [getattr(modules[n], layer_type(modules[n]).param) for n in layers]
+    sums = {g.name: torch.zeros(g.units, dtype=torch.float64) for g in groups}
+    n = 0
+    for batch in batches:
+        x, y = split_batch(batch)
+        loss = task_loss(model, call_model(model, x), y, x, loss_fn)
+        grads = dict(zip(layers, torch.autograd.grad(loss, weights, allow_unused=True)))
+        for g in groups:
+            c = torch.zeros(g.units, dtype=torch.float64)
+            for p in g.parts:
+                layer = modules[p.layer]
+                grad = grads[p.layer]
+                if grad is None:
+                    continue
+                gw = _rows(layer, p.side, grad * getattr(layer, layer_type(layer).param)).detach().double()
+                per_index = gw.reshape(gw.shape[0], -1).sum(1)
+                c += per_index[p.offset:p.offset + g.units * p.width].reshape(g.units, p.width).sum(1)
+            sums[g.name] += c**2
+        n += 1
+    if n == 0:
+        raise ConfigError("taylor unit importance needs at least one batch; the iterable was empty")
+    return {k: v / n for k, v in sums.items()}
+
+
+def _slice_layer_(layer: nn.Module, side: str, keep: torch.Tensor) -> None:
+    kind = layer_type(layer)
+    w = getattr(layer, kind.param)
+    axis = kind.output_axis if side == "out" else 1 - kind.output_axis
+    with torch.no_grad():
+        new_w = nn.Parameter(w.index_select(axis, keep.to(w.device)).clone(), requires_grad=w.requires_grad)
+        setattr(layer, kind.param, new_w)
+        bias = getattr(layer, "bias", None)
+        if side == "out" and isinstance(bias, nn.Parameter):
+            layer.bias = nn.Parameter(bias.index_select(0, keep.to(bias.device)).clone(), requires_grad=bias.requires_grad)
+    n_out, n_in = new_w.shape[kind.output_axis], new_w.shape[1 - kind.output_axis]
+    _set_int_attrs(layer, {"out_features": n_out, "in_features": n_in, "nf": n_out, "nx": n_in})
+
+
+def remove_units_(model: nn.Module, group: UnitGroup, keep: Sequence[int]) -> None:
+    """Remove every unit of ``group`` not in ``keep`` from all its parts, in place."""
+    model = unwrap_model(model)
+    keep = sorted({int(u) for u in keep})
+    if not keep or keep[0] < 0 or keep[-1] >= group.units:
+        raise ConfigError(f"{group.name}: keep must list between 1 and {group.units} unit indices, got {keep}")
+    modules = dict(model.named_modules())
+    drop = [u for u in range(group.units) if u not in keep]
+    if not drop:
+        return
+    by_side: dict[tuple[str, str], list[torch.Tensor]] = {}
+    for p in group.parts:
+        by_side.setdefault((p.layer, p.side), []).append(_indices(p, drop))
+    for (layer_name, side), removed in by_side.items():
+        layer = modules[layer_name]
+        size = _rows(layer, side).shape[0]
+        mask = torch.ones(size, dtype=torch.bool)
+        mask[torch.cat(removed)] = False
+        _slice_layer_(layer, side, torch.nonzero(mask).reshape(-1))
+    block = modules[group.module]
+    for param_name, axis in group.per_unit:
+        owner_name, _, attr = param_name.rpartition(".")
+        owner = block.get_submodule(owner_name) if owner_name else block
+        p = getattr(owner, attr)
+        with torch.no_grad():
+            setattr(owner, attr, nn.Parameter(p.index_select(axis, torch.tensor(keep, device=p.device)).clone()))
+    if group.fixup is not None:
+        group.fixup(block, keep)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in unwrap_model(model).parameters())
+
+
+def prune_units(
+    model: nn.Module,
+    amount: float | dict[str, float],
+    importance: str = "l1",
+    batches: Iterable | None = None,
+    loss_fn: Callable | None = None,
+    exclude: Sequence[str] = (),
+) -> dict[str, list[int]]:
+    """Remove the ``amount`` fraction of least important units of every group (per kind:
+    ``{"heads": 0.25, "mlp": 0.5}``), at least one unit kept per group; returns the kept
+    unit indices by group name (a plan :func:`apply_plan` replays on a fresh model)."""
+    fractions = amount if isinstance(amount, dict) else {"heads": amount, "mlp": amount}
+    for kind, f in fractions.items():
+        if kind not in ("heads", "mlp"):
+            raise ConfigError(f"unknown unit kind {kind!r}; known: heads, mlp")
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f < 1:
+            raise ConfigError(f"the fraction of {kind} to remove must be in [0, 1), got {f!r}")
+    groups = find_unit_groups(model, exclude, kinds=[k for k, f in fractions.items() if f > 0])
+    scores = unit_importance(model, groups, importance, batches, loss_fn)
+    plan = {}
+    for g in groups:
+        n_keep = max(1, g.units - round(fractions[g.kind] * g.units))
+        order = torch.sort(scores[g.name], descending=True, stable=True).indices[:n_keep]
+        plan[g.name] = sorted(order.tolist())
+    apply_plan(model, plan, groups)
+    return plan
+
+
+def apply_plan(model: nn.Module, plan: dict[str, list[int]], groups: Sequence[UnitGroup] | None = None) -> None:
+    """Remove units as ``plan`` (group name -> kept unit indices) says."""
+    groups = {g.name: g for g in (groups or find_unit_groups(model))}
+    unknown = [k for k in plan if k not in groups]
+    if unknown:
+        raise ConfigError(f"the plan names unit groups this model does not have: {unknown[:3]}")
+    for name, keep in plan.items():
+        remove_units_(model, groups[name], keep)
+
+
+def save_pretrained_compact(model: nn.Module, directory: str) -> dict[str, int]:
+    """``model.save_pretrained(directory)`` with its config rewritten to the pruned sizes, so
+    that ``from_pretrained(directory)`` rebuilds the compact model without secateurs.
+
+    A Hugging Face config holds one head count and one MLP width for all layers, and most
+    models derive the head size from ``hidden_size / num_attention_heads``. So this works when
+    every layer kept the same number of heads and MLP units and the model reads an explicit
+    ``head_dim`` from its config (Llama, Mistral, Qwen, ViT, DeiT in ``transformers`` 5). It
+    is checked, not assumed: a fresh model is built from the new config and every parameter
+    shape must equal the pruned model's; otherwise a ConfigError names the first mismatch (use
+    :func:`secateurs.structured.save_compact`, a ``torch.export`` archive, for those models).
+    Returns the config fields it changed.
+    """
+    model = unwrap_model(model)
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "save_pretrained"):
+        raise ConfigError(f"{type(model).__name__} is not a Hugging Face model (no config / save_pretrained)")
+    groups = find_unit_groups(model)
+    changes: dict[str, int] = {}
+    for kind in ("heads", "mlp"):
+        sizes = {(g.units, g.unit_size) for g in groups if g.kind == kind}
+        if len(sizes) > 1:
+            raise ConfigError(
+                f"layers kept different numbers of {kind} ({sorted(sizes)}); a Hugging Face config holds one "
+                "count for all layers: prune uniformly, or save with secateurs.structured.save_compact"
+            )
+        if not sizes:
+            continue
+        units, unit_size = sizes.pop()
+        if kind == "heads":
+            head_dim = getattr(config, "head_dim", None) or unit_size
+            group = unit_size // head_dim
+            changes["num_attention_heads"] = units * group
+            if getattr(config, "num_key_value_heads", None) is not None:
+                changes["num_key_value_heads"] = units
+            changes["head_dim"] = head_dim
+        else:
+            for field_name in ("intermediate_size", "n_inner", "mlp_dim"):
+                if getattr(config, field_name, None) is not None:
+                    changes[field_name] = units
+                    break
+    new_config = config.__class__.from_dict({**config.to_dict(), **changes})
+    with torch.device("meta"):
+        fresh = type(model)(new_config)
+    shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    for n, p in fresh.state_dict().items():
+        if n in shapes and tuple(p.shape) != shapes[n]:
+            raise ConfigError(
+                f"{type(model).__name__}'s config cannot express the pruned sizes ({n}: a model built from the "
+                f"rewritten config has {tuple(p.shape)}, the pruned model {shapes[n]}); save it with "
+                "secateurs.structured.save_compact (a torch.export archive) instead"
+            )
+    old = {k: getattr(config, k, None) for k in changes}
+    try:
+        for k, v in changes.items():
+            setattr(config, k, v)
+        model.save_pretrained(directory)
+    except BaseException:
+        for k, v in old.items():
+            setattr(config, k, v)
+        raise
+    return changes
