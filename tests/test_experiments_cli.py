@@ -195,7 +195,8 @@ def test_cli_help_and_list(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     for name in ("magnitude", "random", "lenet300_100", "resnet20", "mnist", "cifar10", "erk", "cubic",
-                 "large_final_same_sign", "signed_constant", "lr_rewind", "taylor2", "nm"):
+                 "large_final_same_sign", "signed_constant", "lr_rewind", "taylor2", "nm",
+                 "transformers.pytorch_utils.Conv1D", "qkvo_attention", "gated_mlp"):
         assert name in out
 
 

@@ -222,3 +222,13 @@ def test_saved_compact_model_reloads_without_its_class(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(torch.load(tmp_path / "y.pt"), small(x), atol=1e-6, rtol=0)
         torch.testing.assert_close(load_compact(path)(x[:1]), small(x[:1]), atol=1e-6, rtol=0)
+
+
+def test_taylor_importance_on_a_graph_with_nothing_prunable_says_why_instead_of_crashing():
+    from secateurs.structured.graph import build_graph
+
+    model = nn.Sequential(nn.Linear(4, 3))  # its inputs and logits are both fixed
+    graph = build_graph(model, torch.randn(1, 4))
+    assert not graph.prunable
+    with pytest.raises(ConfigError, match="no prunable channel group.*graph.frozen"):
+        taylor_importance(model, graph, [(torch.randn(2, 4), torch.tensor([0, 1]))])

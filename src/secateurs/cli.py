@@ -208,6 +208,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     from .experiments.growth import ARMS
 
     print(f"growth arms (growth.arms; the first three are new-unit inits):\n  {', '.join(ARMS)}")
+    from .layers import registered_layers
+    from .structured.blocks import BLOCKS
+
+    print(f"prunable layer types (secateurs.register_layer adds one):\n  {', '.join(registered_layers())}")
+    print("transformer block handlers (secateurs.structured.blocks.BLOCKS):")
+    for entry in BLOCKS:
+        print(f"  {entry.name:<20} {entry.description}")
     return 0
 
 

@@ -68,7 +68,7 @@ def register_layer(cls: type | str, *, output_axis: int = 0, param: str = "weigh
     if isinstance(output_axis, bool) or not isinstance(output_axis, int) or output_axis < 0:
         raise ConfigError(f"register_layer: output_axis must be a non-negative int, got {output_axis!r}")
     if isinstance(cls, str):
-        kind = LayerType(cls.rpartition(".")[2], output_axis, param)
+        kind = LayerType(cls, output_axis, param)
         _BY_QUALNAME[cls] = kind
     elif isinstance(cls, type) and issubclass(cls, nn.Module):
         kind = LayerType(cls.__name__, output_axis, param)
