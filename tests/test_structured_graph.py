@@ -128,10 +128,13 @@ def test_exclude_freezes_the_groups_touching_that_layer():
     assert "layer1.1.conv1" in [g.name for g in graph.prunable]
 
 
-def test_untraceable_module_is_named_and_can_be_excluded():
-    with pytest.raises(ConfigError, match=r"'gate' \(Gate\).*exclude=\['gate'\]"):
-        build_graph(Gated(), X32)
+def test_untraceable_module_is_captured_by_running_and_can_be_excluded():
+    graph = build_graph(Gated(), X32)  # fx fails on the data-dependent branch: the model is run
+    assert graph.capture == "run"
+    assert ".sum()" in graph.frozen["conv"]  # the branch reads every channel: conv stays whole
+    assert "conv2" in [g.name for g in graph.prunable]
     graph = build_graph(Gated(), X32, exclude=["gate"])
+    assert graph.capture == "fx"
     assert "conv" in graph.frozen and "conv2" in [g.name for g in graph.prunable]
     small = prune_channels(Gated(), X32, 0.5, exclude=["gate"])
     assert small.conv.out_channels == 4 and small.conv2.out_channels == 3

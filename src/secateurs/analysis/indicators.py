@@ -25,6 +25,7 @@ import torch.nn as nn
 from torch.func import functional_call, jacrev
 
 from ..errors import ConfigError
+from ..outputs import logits_of
 
 __all__ = ["empirical_ntk", "ntk_condition_number", "linear_regions", "indicators", "rank_architectures"]
 
@@ -37,7 +38,7 @@ def _forward(model: nn.Module, params: Mapping[str, torch.Tensor], inputs: torch
     was_training = model.training
     model.train(train_mode)
     try:
-        return functional_call(model, (dict(params), buffers), (inputs,))
+        return logits_of(functional_call(model, (dict(params), buffers), (inputs,)))
     finally:
         model.train(was_training)
 

@@ -41,7 +41,7 @@ from ..registry import Registry
 
 __all__ = [
     "Part", "UnitGroup", "BLOCKS", "find_unit_groups", "unit_importance", "remove_units_",
-    "prune_units", "apply_plan", "count_parameters", "save_pretrained_compact",
+    "prune_units", "prune_units_to_macs", "apply_plan", "count_parameters", "save_pretrained_compact",
 ]
 
 
@@ -366,13 +366,68 @@ def prune_units(
             raise ConfigError(f"the fraction of {kind} to remove must be in [0, 1), got {f!r}")
     groups = find_unit_groups(model, exclude, kinds=[k for k, f in fractions.items() if f > 0])
     scores = unit_importance(model, groups, importance, batches, loss_fn)
-    plan = {}
-    for g in groups:
-        n_keep = max(1, g.units - round(fractions[g.kind] * g.units))
-        order = torch.sort(scores[g.name], descending=True, stable=True).indices[:n_keep]
-        plan[g.name] = sorted(order.tolist())
+    plan = _plan(groups, scores, fractions)
     apply_plan(model, plan, groups)
     return plan
+
+
+def _plan(groups: Sequence[UnitGroup], scores: dict[str, torch.Tensor], fractions: dict[str, float]) -> dict[str, list[int]]:
+    """Keep the highest-scoring units of each group (ties to the lower index), at least one."""
+    plan = {}
+    for g in groups:
+        n_keep = max(1, g.units - round(fractions.get(g.kind, 0.0) * g.units))
+        order = torch.sort(scores[g.name], descending=True, stable=True).indices[:n_keep]
+        plan[g.name] = sorted(order.tolist())
+    return plan
+
+
+def prune_units_to_macs(
+    model: nn.Module,
+    example_input,
+    macs_fraction_removed: float,
+    importance: str = "l1",
+    batches: Iterable | None = None,
+    loss_fn: Callable | None = None,
+    exclude: Sequence[str] = (),
+    tolerance: float = 0.01,
+    max_steps: int = 14,
+) -> tuple[nn.Module, float]:
+    """A pruned copy of ``model`` with ``macs_fraction_removed`` of its MACs gone (measured by
+    :func:`secateurs.analysis.flops.layer_macs` on ``example_input``), removing the same share
+    of heads and MLP units in every block, the least important first. Bisects that share;
+    returns ``(pruned copy, share)``. The scores are computed once, on the dense model."""
+    import copy
+
+    from ..analysis.flops import layer_macs
+
+    if isinstance(macs_fraction_removed, bool) or not 0.0 <= macs_fraction_removed < 1.0:
+        raise ConfigError(f"macs_fraction_removed must be in [0, 1), got {macs_fraction_removed!r}")
+    groups = find_unit_groups(model, exclude)
+    scores = unit_importance(model, groups, importance, batches, loss_fn)
+    dense = sum(layer_macs(model, example_input).values())
+
+    def attempt(share: float) -> tuple[nn.Module, float]:
+        pruned = copy.deepcopy(model)
+        apply_plan(pruned, _plan(groups, scores, {"heads": share, "mlp": share}))
+        return pruned, 1.0 - sum(layer_macs(pruned, example_input).values()) / dense
+
+    top_model, top = attempt(0.999)
+    if top + tolerance < macs_fraction_removed:
+        raise ConfigError(
+            f"removing heads and MLP units can take at most {top:.1%} of this model's MACs (embeddings, "
+            f"output heads and other layers keep theirs); asked for {macs_fraction_removed:.1%}"
+        )
+    lo, hi = 0.0, 0.999
+    best = (model, 0.0, 0.0)
+    for _ in range(max_steps):
+        mid = (lo + hi) / 2
+        pruned, removed = attempt(mid)
+        if abs(removed - macs_fraction_removed) < abs(best[2] - macs_fraction_removed):
+            best = (pruned, mid, removed)
+        if abs(removed - macs_fraction_removed) <= tolerance:
+            break
+        lo, hi = (mid, hi) if removed < macs_fraction_removed else (lo, mid)
+    return best[0], best[1]
 
 
 def apply_plan(model: nn.Module, plan: dict[str, list[int]], groups: Sequence[UnitGroup] | None = None) -> None:

@@ -50,7 +50,8 @@ Labels = list  # list[Optional[int]]: one atom (or None for "untracked") per pos
 #: ``out``: conv/linear output channels (weight dim 0, bias); ``in``: their input channels
 #: (weight dim 1); ``bn``: every per-channel tensor of a BatchNorm; ``depthwise``: a
 #: depthwise conv whose channels are its input channels (weight dim 0, bias, groups).
-ROLE_DIMS: dict[str, int] = {"out": 0, "in": 1, "bn": 0, "depthwise": 0}
+ROLE_DIMS: dict[str, int] = {"out": 0, "in": 1, "bn": 0, "depthwise": 0, "ln": 0}
+# plus "param:<attribute>:<dim>": a module's own per-channel parameter (ConvNeXt's layer scale)
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -61,6 +62,9 @@ _ZERO_KEEPING_MODULES: tuple[type[nn.Module], ...] = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    # spatial padding: the channel dimension is untouched (the passthrough checks it)
+    nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
+    nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
 )
 # Channel-wise but f(0) != 0: fine to prune through, not to compact through.
 _NONZERO_MODULES: tuple[type[nn.Module], ...] = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus)
@@ -71,6 +75,7 @@ _ZERO_KEEPING_FUNCTIONS = {
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
     F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
 }
+_KNOWN_MODULES: tuple[type[nn.Module], ...] = (*_CONV, *_BN, nn.Linear, nn.Flatten, *_ZERO_KEEPING_MODULES, *_NONZERO_MODULES)
 _NONZERO_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus}
 _ZERO_KEEPING_METHODS = {"relu", "relu_", "tanh", "contiguous", "clone", "detach"}
 _NONZERO_METHODS = {"sigmoid", "sigmoid_"}
@@ -100,6 +105,8 @@ class Slice:
 
     @property
     def dim(self) -> int:
+        if self.role.startswith("param:"):
+            return int(self.role.rsplit(":", 1)[1])
         return ROLE_DIMS[self.role]
 
 
@@ -150,6 +157,8 @@ class DependencyGraph:
     owners: dict[tuple[str, str], list[Optional[tuple[str, int]]]]
     pads: list[PadSite]
     unsafe_to_compact: dict[str, frozenset[int]] = field(default_factory=dict)
+    #: how the graph was captured: "fx" (symbolic trace) or "run" (recorded while running)
+    capture: str = "fx"
 
     @property
     def prunable(self) -> list[Group]:
@@ -251,6 +260,9 @@ class _Tracker:
         self.module_out: dict[str, Labels] = {}
         self.pads: list[tuple[fx.Node, str, int, int, Labels, Labels]] = []
         self.pad_count: dict[str, int] = {}
+        #: the axis a node's labels run along (1 unless a permute moved the channels, as
+        #: ConvNeXt does around its channels-last LayerNorm and Linear layers)
+        self.axes: dict[fx.Node, int] = {}
 
     # ---- union-find over atoms -------------------------------------------------------
     def fresh(self, n: int, site: str, reason: Optional[str] = None) -> Labels:
@@ -294,6 +306,9 @@ class _Tracker:
     def of(self, node: Any) -> Optional[Labels]:
         return self.labels.get(node) if isinstance(node, fx.Node) else None
 
+    def ax(self, node: Any) -> int:
+        return self.axes.get(node, 1) if isinstance(node, fx.Node) else 1
+
     def tensor_inputs(self, node: fx.Node) -> list[fx.Node]:
         found: list[fx.Node] = []
         fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
@@ -314,18 +329,60 @@ class _Tracker:
         return self.output_labels(node, reason)
 
     def passthrough(self, node: fx.Node, x: Any, zero_keeping: bool, what: str) -> Optional[Labels]:
-        shape_in, shape_out, labels = _shape(x), _shape(node), self.of(x)
+        shape_in, shape_out, labels, axis = _shape(x), _shape(node), self.of(x), self.ax(x)
         if (labels is None or shape_in is None or shape_out is None or len(shape_out) != len(shape_in)
-                or shape_out[1] != shape_in[1]):
+                or shape_out[axis] != shape_in[axis]):
             return self.unknown(node, what)
         if not zero_keeping:
             self.nonzero.update(a for a in labels if a is not None)
+        self.axes[node] = axis
+        return labels
+
+    def permute(self, node: fx.Node) -> Optional[Labels]:
+        """A permutation moves the channel axis; the labels go with it."""
+        x, dims = node.args[0], node.args[1:]
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = tuple(dims[0])
+        shape, labels = _shape(x), self.of(x)
+        if shape is None or labels is None or not all(isinstance(d, int) for d in dims) or len(dims) != len(shape):
+            return self.unknown(node, "permute")
+        dims = [d % len(shape) for d in dims]
+        if dims[0] != 0:
+            return self.unknown(node, "permute of the batch dimension")
+        self.axes[node] = dims.index(self.ax(x))
+        return labels
+
+    def layer_norm(self, node: fx.Node, x: Any, owner: str, size: int) -> Optional[Labels]:
+        """LayerNorm over the channel axis (the last one): its per-channel weight and bias
+        follow the channels, but the statistics mix them, so it is not zero-keeping."""
+        shape, labels, axis = _shape(x), self.of(x), self.ax(x)
+        if shape is None or labels is None or axis != len(shape) - 1 or len(labels) != size:
+            return self.unknown(node, f"layer norm {owner!r} over a non-channel axis")
+        self.record(owner, "ln", labels)
+        self.nonzero.update(a for a in labels if a is not None)
+        self.axes[node] = axis
         return labels
 
     # ---- the walk ----------------------------------------------------------------------
     def run(self) -> None:
         for node in self.gm.graph.nodes:
+            moved = [n for n in self.tensor_inputs(node) if self.of(n) is not None and self.ax(n) != 1]
+            if moved and not self._axis_aware(node):
+                self.labels[node] = self.unknown(node, f"{node.op} {node.target} on channels moved to another axis")
+                continue
             self.labels[node] = self.visit(node)
+
+    def _axis_aware(self, node: fx.Node) -> bool:
+        f = node.target
+        if node.op == "call_module":
+            m = self.modules[node.target]
+            return isinstance(m, (nn.Linear, *_ZERO_KEEPING_MODULES, *_NONZERO_MODULES)) or type(m) is nn.LayerNorm
+        if node.op == "call_method":
+            return f in ("permute", *_ZERO_KEEPING_METHODS, *_NONZERO_METHODS, *_ADD_M, *_MUL_M, *_DIV_M)
+        if node.op == "call_function":
+            return (f in _ZERO_KEEPING_FUNCTIONS or f in _NONZERO_FUNCTIONS or f in _ADD or f in _MUL
+                    or f in _DIV or f is F.layer_norm)
+        return node.op == "output"
 
     def visit(self, node: fx.Node) -> Optional[Labels]:
         if node.op == "placeholder":
@@ -363,6 +420,8 @@ class _Tracker:
             return labels
         if isinstance(m, nn.Flatten):
             return self.flatten(node, x, m.start_dim, m.end_dim)
+        if type(m) is nn.LayerNorm and m.elementwise_affine and len(m.normalized_shape) == 1:
+            return self.layer_norm(node, x, name, m.normalized_shape[0])
         if isinstance(m, _ZERO_KEEPING_MODULES):
             return self.passthrough(node, x, True, f"{type(m).__name__} {name!r}")
         if isinstance(m, _NONZERO_MODULES):
@@ -392,11 +451,13 @@ class _Tracker:
 
     def linear(self, node: fx.Node, name: str, m: nn.Linear, x: Any) -> Optional[Labels]:
         labels, shape = self.of(x), _shape(x)
-        if labels is None or shape is None or len(shape) != 2 or len(labels) != m.in_features:
-            return self.unknown(node, f"linear {name!r} on a non-2D input")
+        if (labels is None or shape is None or len(labels) != m.in_features
+                or self.ax(x) != len(shape) - 1):
+            return self.unknown(node, f"linear {name!r} whose input features are not the tracked channels")
         self.record(name, "in", labels)
         out = self.module_out.setdefault(name, self.fresh(m.out_features, name))
         self.record(name, "out", out)
+        self.axes[node] = len(shape) - 1
         return out
 
     def flatten(self, node: fx.Node, x: Any, start: int, end: int) -> Optional[Labels]:
@@ -436,18 +497,27 @@ class _Tracker:
             return self.unknown(node, f"{kind} with a non-tensor or 1-D result")
         joined: list[Labels] = []
         constant_term = False
+        tracked = [op for op in operands if self.of(op) is not None]
+        axis = self.ax(tracked[0]) if tracked else 1
+        if any(self.ax(op) != axis for op in tracked):
+            return self.unknown(node, f"{kind} of tensors whose channels run along different axes")
+        params: list[tuple[fx.Node, int]] = []
         for i, op in enumerate(operands):
             shape = _shape(op)
             if shape is None:  # python scalar
                 constant_term = constant_term or (kind == "add" and op != 0)
                 continue
             offset = len(out) - len(shape)
-            dim1 = 1 - offset
-            if dim1 < 0 or shape[dim1] == 1:  # does not reach dim 1, or broadcast over it
+            dim1 = axis - offset
+            if dim1 < 0 or shape[dim1] == 1:  # does not reach the channel axis, or broadcast over it
                 constant_term = True
                 continue
             labels = self.of(op)
-            if labels is None or offset != 0 or len(labels) != out[1]:
+            if labels is None and isinstance(op, fx.Node) and op.op == "get_attr" and kind == "mul" \
+                    and shape[dim1] == out[axis] and math.prod(shape) == shape[dim1]:
+                params.append((op, dim1))  # a per-channel scale (ConvNeXt's layer scale)
+                continue
+            if labels is None or offset != 0 or len(labels) != out[axis]:
                 return self.unknown(node, f"{kind} with an untracked per-channel tensor")
             if kind == "div" and i > 0:
                 self.nonzero.update(a for a in labels if a is not None)
@@ -462,6 +532,10 @@ class _Tracker:
             result.append(atoms[0] if atoms else None)
         if constant_term and kind == "add":
             self.nonzero.update(a for a in result if a is not None)
+        for param, dim in params:
+            owner, _, attr = str(param.target).rpartition(".")
+            self.record(owner, f"param:{attr}:{dim}", result)
+        self.axes[node] = axis
         return result
 
     def cat(self, node: fx.Node) -> Optional[Labels]:
@@ -544,6 +618,12 @@ class _Tracker:
             return self.elementwise(node, node.args[:2], kind)
         if f is torch.mean:
             return self.reduction(node)
+        if f is F.layer_norm:
+            weight, shape = _arg(node, 2, "weight"), _arg(node, 1, "normalized_shape")
+            owner = str(weight.target).rpartition(".")[0] if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
+            if owner is None or shape is None or len(shape) != 1:
+                return self.unknown(node, "layer_norm without a module's own weight")
+            return self.layer_norm(node, x, owner, shape[0])
         if f in _SHAPE_QUERIES_F:
             return None
         return self.unknown(node, f"function {getattr(f, '__name__', f)}")
@@ -558,6 +638,8 @@ class _Tracker:
             return self.flatten(node, x, _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
         if name in ("view", "reshape"):
             return self.reshape(node)
+        if name == "permute":
+            return self.permute(node)
         if name in _ADD_M or name in _MUL_M or name in _DIV_M:
             kind = "add" if name in _ADD_M else "mul" if name in _MUL_M else "div"
             return self.elementwise(node, node.args[:2], kind)
@@ -666,11 +748,22 @@ def build_graph(
     """
     if isinstance(exclude, str):
         raise ConfigError(f"exclude must be a list of module names or patterns, got the string {exclude!r}; wrap it: [{exclude!r}]")
-    gm = trace(model, exclude)
-    _propagate_shapes(gm, example_input)
+    try:
+        gm = trace(model, exclude)
+    except ConfigError:
+        # fx cannot trace it (Python control flow, int() of a shape, ...): run it and record
+        from .capture import capture
+
+        gm = capture(model, example_input, exclude, known=_KNOWN_MODULES)
+        how = "run"
+    else:
+        _propagate_shapes(gm, example_input)
+        how = "fx"
     tracker = _Tracker(gm, exclude)
     tracker.run()
-    return _assemble(tracker)
+    graph = _assemble(tracker)
+    graph.capture = how
+    return graph
 
 
 def build_groups(

@@ -184,8 +184,8 @@ def zero_units(model: nn.Module, graph: DependencyGraph) -> dict[str, list[int]]
             ok = True
             for s in g.slices:
                 idx = s.indices[u]
-                if s.role == "in" or not idx:
-                    continue
+                if s.role == "in" or s.role.startswith("param:") or not idx:
+                    continue  # consumers, and per-channel scales of a channel that is already zero
                 m = model.get_submodule(s.module)
                 if not (_is_zero(m.weight, idx) and _is_zero(m.bias, idx)):
                     ok = False

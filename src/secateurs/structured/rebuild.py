@@ -69,6 +69,12 @@ def _take(source: torch.Tensor, index: Sequence[tuple[int, list[int]]]) -> torch
     return out.clone()
 
 
+def _copy_without_tensors(m: nn.Module) -> nn.Module:
+    """A copy of a leaf module whose parameters and buffers are replaced right after."""
+    memo = {id(t): None for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
+    return copy.deepcopy(m, memo)
+
+
 def _shrink_conv(m: nn.Module, cuts: Mapping[str, list[int]]) -> nn.Module:
     depthwise = "depthwise" in cuts
     out_keep = cuts.get("out", cuts.get("depthwise"))
@@ -78,11 +84,15 @@ def _shrink_conv(m: nn.Module, cuts: Mapping[str, list[int]]) -> nn.Module:
         w_index.append((1, in_keep))
     weight = _take(m.weight, w_index)
     groups = weight.shape[0] if depthwise else m.groups
-    new = type(m)(
-        weight.shape[1] * groups, weight.shape[0], m.kernel_size, stride=m.stride,
-        padding=m.padding, dilation=m.dilation, groups=groups, bias=m.bias is not None,
-        padding_mode=m.padding_mode, device="meta", dtype=weight.dtype,
-    )
+    if type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        new = type(m)(
+            weight.shape[1] * groups, weight.shape[0], m.kernel_size, stride=m.stride,
+            padding=m.padding, dilation=m.dilation, groups=groups, bias=m.bias is not None,
+            padding_mode=m.padding_mode, device="meta", dtype=weight.dtype,
+        )
+    else:  # a subclass with its own constructor (e.g. a model's depthwise conv): copy, then resize
+        new = _copy_without_tensors(m)
+        new.in_channels, new.out_channels, new.groups = weight.shape[1] * groups, weight.shape[0], groups
     new.weight = nn.Parameter(weight, requires_grad=m.weight.requires_grad)
     if m.bias is not None:
         new.bias = _param(m.bias, [(0, out_keep)] if out_keep is not None else [])
@@ -116,8 +126,34 @@ def _shrink_bn(m: nn.Module, cuts: Mapping[str, list[int]]) -> nn.Module:
     return new
 
 
+def _shrink_ln(m: nn.Module, cuts: Mapping[str, list[int]]) -> nn.Module:
+    keep = cuts["ln"]
+    new = _copy_without_tensors(m)
+    new.normalized_shape = (len(keep),)
+    new.weight = _param(m.weight, [(0, keep)])
+    if m.bias is not None:
+        new.bias = _param(m.bias, [(0, keep)])
+    return new
+
+
+def _shrink_params_(m: nn.Module, cuts: Mapping[str, list[int]]) -> nn.Module:
+    """Slice a module's own per-channel parameters (roles ``param:<attr>:<dim>``) in place."""
+    for role, keep in cuts.items():
+        _, attr, dim = role.split(":")
+        setattr(m, attr, _param(getattr(m, attr), [(int(dim), keep)]))
+    return m
+
+
 def _shrink(m: nn.Module, cuts: Mapping[str, list[int]]) -> nn.Module:
-    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    own = {r: k for r, k in cuts.items() if r.startswith("param:")}
+    if own:
+        _shrink_params_(m, own)
+        cuts = {r: k for r, k in cuts.items() if r not in own}
+        if not cuts:
+            return m
+    if isinstance(m, nn.LayerNorm) and set(cuts) == {"ln"}:
+        new = _shrink_ln(m, cuts)
+    elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         new = _shrink_conv(m, cuts)
     elif isinstance(m, nn.Linear):
         new = _shrink_linear(m, cuts)

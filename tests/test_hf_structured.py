@@ -1,0 +1,149 @@
+"""Structured pruning on all ten Hugging Face architectures: half of the MACs removed with the
+output shape kept, dead channels compacted without changing outputs, Taylor on the raw model.
+
+The CNNs go through the channel dependency graph, captured by running the model because
+``torch.fx`` cannot trace them; the transformers through the attention / MLP block handlers.
+"""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("transformers")
+
+from secateurs.analysis.flops import layer_macs  # noqa: E402
+from secateurs.outputs import call_model, logits_of  # noqa: E402
+from secateurs.structured import compact_zero_channels, model_cost, prune_to_flops, taylor_importance  # noqa: E402
+from secateurs.structured.blocks import find_unit_groups, prune_units_to_macs, unit_importance  # noqa: E402
+from secateurs.structured.graph import build_graph  # noqa: E402
+from secateurs.structured.prune import zero_units  # noqa: E402
+
+from test_hf_zoo import ZOO, batch, build, inputs_of  # noqa: E402
+
+CNNS = ["resnet", "mobilenet_v2", "convnext", "efficientnet"]
+X = torch.randn(1, 3, 32, 32)
+
+
+def run(model, x):
+    with torch.no_grad():
+        return logits_of(call_model(model, x))
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_half_of_the_macs_removed_keeps_the_output_shape(name):
+    model = build(name).eval()
+    if name in CNNS:
+        small, _ = prune_to_flops(model, X, 0.5, importance="l1")
+        x = X.expand(2, -1, -1, -1)
+    else:
+        x = inputs_of(name, batch(name, 2))
+        small, _ = prune_units_to_macs(model, x, 0.5, importance="l1")
+    removed = 1 - sum(layer_macs(small, x).values()) / sum(layer_macs(model, x).values())
+    assert 0.45 <= removed <= 0.56, removed
+    assert run(small, x).shape == run(model, x).shape
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def _predicted_parameters(model, graph, plan):
+    """Parameters after removing ``plan``, from layer shapes (independent of the rebuild)."""
+    cut = {}
+    for name, units in plan.items():
+        for s in graph.group(name).slices:
+            cut.setdefault((s.module, s.role), set()).update(i for u in units for i in s.indices[u])
+    total = 0
+    for name, m in model.named_modules():
+        gone = lambda role: len(cut.get((name, role), ()))  # noqa: E731
+        own = dict(m.named_parameters(recurse=False))
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            out = m.weight.shape[0] - gone("out") - gone("depthwise")
+            fan_in = m.weight.shape[1] - gone("in")
+            total += out * fan_in * math.prod(m.weight.shape[2:]) + (out if m.bias is not None else 0)
+        elif isinstance(m, nn.BatchNorm2d):
+            total += 2 * (m.num_features - gone("bn"))
+        elif isinstance(m, nn.LayerNorm):
+            total += 2 * (m.normalized_shape[0] - gone("ln"))
+        else:
+            for attr, p in own.items():
+                shrunk = [role for (mod, role) in cut if mod == name and role.startswith(f"param:{attr}:")]
+                total += p.numel() - sum(gone(r) for r in shrunk) * (p.numel() // max(p.shape[int(shrunk[0].rsplit(':', 1)[1])], 1) if shrunk else 0)
+    return total
+
+
+@pytest.mark.parametrize("name", CNNS)
+def test_compacting_dead_channels_is_lossless(name):
+    model = build(name).double().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    graph = build_graph(model, x[:1])
+    assert graph.capture == "run"  # torch.fx cannot trace any of these
+    chosen = {}
+    with torch.no_grad():
+        for g in graph.prunable:
+            safe = [u for u in range(g.units) if u not in graph.unsafe_to_compact.get(g.name, ())]
+            if len(safe) < 3 or len(safe) < g.units:  # a group left with no unit keeps one: skip tiny ones
+                continue
+            units = sorted({safe[0], safe[len(safe) // 2]})
+            chosen[g.name] = units
+            for s in g.slices:
+                if s.role == "in" or s.role.startswith("param:"):
+                    continue
+                m = model.get_submodule(s.module)
+                for u in units:
+                    for p in (m.weight, m.bias):
+                        if p is not None and s.indices[u]:
+                            p[list(s.indices[u])] = 0
+    assert chosen, "no group can be compacted"
+    assert zero_units(model, graph) == chosen
+    small = compact_zero_channels(model, x[:1])
+    assert sum(p.numel() for p in small.parameters()) == _predicted_parameters(model, graph, chosen)
+    torch.testing.assert_close(run(small, x), run(model, x), atol=1e-5, rtol=0)
+
+
+def test_convnext_channels_follow_its_permutes_layer_norms_and_layer_scale():
+    model = build("convnext").eval()
+    graph = build_graph(model, X)
+    mlp = graph.group("convnext.encoder.stages.0.layers.0.pwconv1")
+    assert {(s.module, s.role) for s in mlp.slices} == {
+        ("convnext.encoder.stages.0.layers.0.pwconv1", "out"), ("convnext.encoder.stages.0.layers.0.pwconv2", "in")}
+    stream = graph.group("convnext.embeddings.patch_embeddings")
+    roles = {(s.module, s.role) for s in stream.slices}
+    assert ("convnext.embeddings.layernorm", "ln") in roles  # a channels-first LayerNorm (permute inside)
+    assert ("convnext.encoder.stages.0.layers.0.layernorm", "ln") in roles  # channels-last, after a permute
+    assert ("convnext.encoder.stages.0.layers.0", "param:layer_scale_parameter:0") in roles
+    assert ("convnext.encoder.stages.0.layers.0.dwconv", "depthwise") in roles
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_taylor_scores_on_the_raw_model(name):
+    model = build(name)
+    b = batch(name)
+    if name in CNNS:
+        with torch.no_grad():  # HF EfficientNet's init zeroes some BN scales: its random output is ~1e-38
+            for m in model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.weight.uniform_(0.5, 1.5)
+        graph = build_graph(model, X)
+        scores = taylor_importance(model, graph, [b])
+        assert set(scores) == {g.name for g in graph.prunable}
+    else:
+        groups = find_unit_groups(model)
+        scores = unit_importance(model, groups, "taylor", batches=[b])
+    assert all(torch.isfinite(s).all() and (s >= 0).all() for s in scores.values())
+    assert any((s > 0).any() for s in scores.values())
+
+
+def test_model_cost_and_layer_macs_agree_on_a_captured_cnn():
+    model = build("mobilenet_v2").eval()
+    assert model_cost(model, X).macs == sum(layer_macs(model, X).values())
+
+
+def test_an_input_the_model_rejects_during_capture_shows_the_models_error_and_the_shape():
+    from secateurs.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"rejected the example input of shape\(s\) \[\(1, 1, 32, 32\)\].*channel"):
+        build_graph(build("mobilenet_v2"), torch.randn(1, 1, 32, 32))
