@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench bench-hf venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_masks.py
 	$(PY) benchmarks/bench_loader.py
+
+# Hugging Face ViT and MobileNetV2 on Fashion-MNIST, secateurs vs Torch-Pruning (~25 min)
+bench-hf: $(STAMP)
+	$(PY) benchmarks/bench_hf_structured.py --out runs/bench-hf-structured
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

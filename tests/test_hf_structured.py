@@ -147,3 +147,12 @@ def test_an_input_the_model_rejects_during_capture_shows_the_models_error_and_th
 
     with pytest.raises(ConfigError, match=r"rejected the example input of shape\(s\) \[\(1, 1, 32, 32\)\].*channel"):
         build_graph(build("mobilenet_v2"), torch.randn(1, 1, 32, 32))
+
+
+def test_a_channel_pruned_hf_cnn_saves_as_a_torch_export_archive(tmp_path):
+    from secateurs.structured import load_compact, save_compact
+
+    small, _ = prune_to_flops(build("resnet").eval(), X, 0.5)
+    save_compact(small, tmp_path / "resnet.pt2", X)
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(load_compact(tmp_path / "resnet.pt2")(x), run(small, x), atol=1e-5, rtol=0)

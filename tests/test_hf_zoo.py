@@ -349,3 +349,22 @@ def test_snip_reports_a_batch_without_targets():
     b = {"input_ids": torch.randint(0, VOCAB, (2, SEQ))}
     with pytest.raises(ConfigError, match="no targets"):
         quiet(SNIP, model, batches=lambda: [b]).prune(0.5)
+
+
+def test_lottery_ticket_rounds_on_gpt2_prune_the_conv1d_layers_and_rewind():
+    from secateurs.methods import LotteryTicket
+
+    model = build("gpt2")
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ticket = quiet(LotteryTicket, model, opt, rate=0.2, rewind_step=0)
+    b = batch("gpt2")
+    task_loss(model, model(**b), None, b).backward()
+    opt.step()
+    ticket.step()
+    ticket.next_round()
+    assert ticket.stats()["sparsity"] == pytest.approx(0.2, abs=1e-3)
+    for n in ticket.masks.names():  # kept weights rewound to their initial values
+        p = dict(model.named_parameters())[n]
+        assert torch.equal(p[ticket.masks[n]], initial[n][ticket.masks[n]])
+    assert (model.transformer.wte.weight != 0).all()  # the tied embedding is not pruned
