@@ -25,7 +25,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_masks.py
 	$(PY) benchmarks/bench_loader.py
 
-# Hugging Face ViT and MobileNetV2 on Fashion-MNIST, secateurs vs Torch-Pruning (~25 min)
+# Hugging Face ViT and MobileNetV2 on Fashion-MNIST, secateurs vs Torch-Pruning (~10 min)
 bench-hf: $(STAMP)
 	$(PY) benchmarks/bench_hf_structured.py --out runs/bench-hf-structured
 

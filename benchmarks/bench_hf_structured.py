@@ -1,6 +1,6 @@
 """Structured pruning of Hugging Face models on real data, secateurs against Torch-Pruning.
 
-    python benchmarks/bench_hf_structured.py --out runs/bench-hf-structured   (about 25 min on 2 cores)
+    python benchmarks/bench_hf_structured.py --out runs/bench-hf-structured   (about 10 min on 2 cores)
     python benchmarks/bench_hf_structured.py --smoke                        (seconds: tiny sizes)
 
 Two models from ``transformers`` configs (random init, no download), trained on Fashion-MNIST:
