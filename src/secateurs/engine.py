@@ -83,3 +83,42 @@ def _finite(scores: torch.Tensor, name: str, kind: str) -> torch.Tensor:
         raise ConfigError(f"{kind} scores of {name} contain NaN; check the gradients / weights they come from")
     info = torch.finfo(torch.float32)
     return scores.clamp(info.min, info.max)
+
+
+#: Comparison groups: where weights compete for the kept places. "tensor": the whole tensor;
+#: "row": each output unit's row of inputs (Wanda, Sun et al. 2024); ``(n, m)``: each block
+#: of m consecutive inputs (N:M). "Global" competition across tensors is an allocation
+#: (:func:`secateurs.allocation.allocate`), which then calls "tensor" per tensor.
+GROUPS = ("tensor", "row")
+
+
+def select(
+    scores: torch.Tensor,
+    sparsity: float,
+    group: str | tuple[int, int] = "tensor",
+    output_axis: int = 0,
+    name: str = "weight",
+) -> torch.Tensor:
+    """Bool mask keeping the highest scores within each comparison ``group``, with exact
+    counts in every group (``keep_count(group size, sparsity)``; N:M keeps exactly n) and ties
+    to the lowest index. ``output_axis`` says which axis of the weight indexes outputs
+    (see :mod:`secateurs.layers`)."""
+    from .allocation import check_sparsity, keep_count
+    from .granularity import check_nm_config, nm_mask
+    from .layers import as_rows, from_rows
+
+    if isinstance(group, tuple):
+        n, m = check_nm_config(*group)
+        return nm_mask(scores, n, m, name=name, output_axis=output_axis)
+    check_sparsity(sparsity)
+    if group == "tensor":
+        return topk_mask(scores.detach().float(), keep_count(scores.numel(), sparsity))
+    if group != "row":
+        raise ConfigError(f"unknown comparison group {group!r}; known: {', '.join(GROUPS)} or an (n, m) pair")
+    rows = as_rows(scores.detach().float(), output_axis)
+    if torch.isnan(rows).any():
+        raise ConfigError(f"scores of {name} contain NaN; check the model's weights or the score's inputs")
+    k = keep_count(rows.shape[1], sparsity)
+    top = torch.sort(rows, dim=1, descending=True, stable=True).indices[:, :k]
+    keep = torch.zeros(rows.shape, dtype=torch.bool, device=rows.device).scatter_(1, top, True)
+    return from_rows(keep, scores.shape, output_axis)

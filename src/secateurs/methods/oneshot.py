@@ -1,0 +1,486 @@
+"""One-shot pruning of trained models from a little calibration data: magnitude, Wanda and
+SparseGPT, unstructured or N:M, one transformer block at a time.
+
+| method | score / update | compared within |
+|---|---|---|
+| ``magnitude`` | ``|W|`` | each output row (or the whole tensor) |
+| ``wanda`` | ``|W_ij| * ||X_j||_2`` over the calibration tokens (Sun et al. 2024, Eq. 1) | each output row |
+| ``sparsegpt`` | OBS reconstruction: columns pruned left to right by ``w^2 / [H^-1]_jj^2``, the rest updated by ``-(w_j / [H^-1]_jj) H^-1_j,:`` (Frantar & Alistarh 2023, Alg. 1) | blocks of ``blocksize`` columns |
+
+Both data-driven methods need statistics of each layer's inputs, ``X`` (tokens x inputs):
+Wanda the per-input norms ``||X_j||``, SparseGPT the Hessian ``H = 2 X^T X / n``. The
+sequencer (:func:`prune_oneshot`) collects them once per block with temporary forward hooks,
+from the calibration activations the already-pruned blocks before it produced, so every
+block sees the inputs it will see at inference (as both papers' reference code does). Only
+the current block needs to sit on ``device``; activations live in one buffer of
+``samples x tokens x hidden`` on the CPU. After each block the pruned weights are written to
+``state_path`` (atomically), and a killed run resumes at the next unfinished block.
+
+We read the authors' reference code (``locuslab/wanda``, MIT; ``IST-DASLab/sparsegpt``,
+Apache-2.0) to match their algorithms; the implementation here is our own, over this
+library's layer registry (``nn.Linear``, transformers' ``Conv1D``, any registered type).
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..allocation import check_sparsity, keep_count
+from ..engine import select
+from ..errors import CheckpointError, ConfigError
+from ..granularity import check_nm_config
+from ..layers import as_rows, from_rows, layer_type
+from ..masks import unwrap_model
+from ..outputs import call_model, logits_of
+
+__all__ = [
+    "METHODS_ONESHOT", "LayerStats", "wanda_scores", "sparsegpt_prune_", "find_blocks", "prune_oneshot",
+    "calibration_samples", "perplexity",
+]
+
+METHODS_ONESHOT = ("magnitude", "wanda", "sparsegpt")
+
+
+# -- per-layer input statistics ---------------------------------------------------------------
+class LayerStats:
+    """Running statistics of one layer's inputs over calibration tokens: the squared norm of
+    every input feature (Wanda) and, if asked, ``H = 2 X^T X / n`` (SparseGPT), in float64."""
+
+    def __init__(self, features: int, hessian: bool, device: torch.device | str = "cpu"):
+        self.tokens = 0
+        self.sq = torch.zeros(features, dtype=torch.float64, device=device)
+        self.xtx = torch.zeros(features, features, dtype=torch.float64, device=device) if hessian else None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).double()
+        self.tokens += x.shape[0]
+        self.sq += (x * x).sum(0)
+        if self.xtx is not None:
+            self.xtx += x.T @ x
+
+    @property
+    def norms(self) -> torch.Tensor:
+        return self.sq.sqrt()
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        if self.xtx is None or self.tokens == 0:
+            raise ConfigError("no Hessian was collected for this layer (it saw no calibration tokens)")
+        return 2.0 * self.xtx / self.tokens
+
+
+def wanda_scores(weight: torch.Tensor, norms: torch.Tensor, output_axis: int = 0) -> torch.Tensor:
+    """``|W_ij| * ||X_j||``: a weight matters as much as its magnitude times the size of the
+    input it multiplies (Sun et al. 2024). Shaped like ``weight``."""
+    rows = as_rows(weight.detach().abs().double(), output_axis)
+    if rows.shape[1] != norms.numel():
+        raise ConfigError(f"input norms have {norms.numel()} features but the weight has {rows.shape[1]} inputs")
+    return from_rows(rows * norms.to(rows.device)[None, :], weight.shape, output_axis)
+
+
+# -- SparseGPT --------------------------------------------------------------------------------
+def _inverse_hessian_factor(h: torch.Tensor, dampening: float, name: str) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp I)^-1`` (the rows of ``H_F^-1`` for every
+    suffix F of the columns, Frantar & Alistarh 2023, §3.3), with ``damp`` = ``dampening``
+    times the mean diagonal. A failure names the layer and asks for more dampening."""
+    damp = dampening * torch.mean(torch.diag(h))
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    try:
+        lower = torch.linalg.cholesky(h + damp * eye)
+        inverse = torch.cholesky_inverse(lower)
+        return torch.linalg.cholesky(inverse, upper=True)
+    except torch.linalg.LinAlgError as err:
+        raise ConfigError(
+            f"{name}: the calibration Hessian is not positive definite even with dampening {dampening:g} "
+            f"({err}); raise dampening (e.g. {min(1.0, dampening * 10):g}) or give more calibration tokens"
+        ) from None
+
+
+@torch.no_grad()
+def sparsegpt_prune_(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    blocksize: int = 128,
+    dampening: float = 0.01,
+    output_axis: int = 0,
+    name: str = "weight",
+) -> torch.Tensor:
+    """Prune ``weight`` in place by SparseGPT and return its mask (True = kept).
+
+    Columns (inputs) are processed left to right in blocks of ``blocksize``. Within a block
+    the mask is chosen by ``w^2 / [H^-1]_jj^2`` (exactly the planned count per block, ties to
+    the lowest index; or n of every m inputs per row for N:M), and each column's error is
+    spread over the columns to its right through the inverse Hessian's Cholesky factor; the
+    block's accumulated error updates the later blocks at once (the lazy batch update).
+    Inputs that never fired (zero Hessian diagonal) get weight 0 and count as pruned first.
+    """
+    check_sparsity(sparsity)
+    rows_view = as_rows(weight, output_axis)
+    w = rows_view.detach().double().clone()
+    n_rows, cols = w.shape
+    if hessian.shape != (cols, cols):
+        raise ConfigError(f"{name}: Hessian of shape {tuple(hessian.shape)} for a layer with {cols} inputs")
+    if nm is not None:
+        n, m = check_nm_config(*nm)
+        if cols % m:
+            raise ConfigError(f"{name} has {cols} inputs per output, not a multiple of m={m}; leave it dense")
+        if blocksize % m:
+            raise ConfigError(f"blocksize {blocksize} must be a multiple of m={m}")
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    hinv = _inverse_hessian_factor(h, dampening, name)
+    mask = torch.zeros_like(w, dtype=torch.bool)
+    total_pruned = n_rows * cols - keep_count(n_rows * cols, sparsity)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        w1 = w[:, i1:i2].clone()
+        q1 = torch.zeros_like(w1)
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        d = torch.diag(hinv1)
+        if nm is None:
+            # exact counts: the pruned total up to column i is round(total * i / cols)
+            n_prune = round(total_pruned * i2 / cols) - round(total_pruned * i1 / cols)
+            saliency = (w1 ** 2) / (d[None, :] ** 2)
+            saliency[:, dead[i1:i2]] = -1.0  # dead inputs go first
+            keep1 = select(saliency, 1.0 - n_prune / saliency.numel(), "tensor") if n_prune else torch.ones_like(w1, dtype=torch.bool)
+        else:
+            keep1 = torch.ones_like(w1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if nm is not None and i % nm[1] == 0:
+                part = (w1[:, i:i + nm[1]] ** 2) / (d[i:i + nm[1]][None, :] ** 2)
+                drop = torch.sort(part, dim=1, stable=True).indices[:, : nm[1] - nm[0]]
+                keep1[:, i:i + nm[1]].scatter_(1, drop, False)
+            col = w1[:, i]
+            q = torch.where(keep1[:, i], col, torch.zeros_like(col))
+            q1[:, i] = q
+            e = (col - q) / d[i]
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i1:i2] = q1
+        mask[:, i1:i2] = keep1
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    new = from_rows(w.to(weight.dtype), weight.shape, output_axis)
+    weight.copy_(new)
+    return from_rows(mask, weight.shape, output_axis)
+
+
+# -- the sequencer -------------------------------------------------------------------------------
+def find_blocks(model: nn.Module, blocks: str | None = None) -> tuple[str, nn.ModuleList]:
+    """The model's stack of repeated blocks: ``blocks`` (a module path such as
+    ``"model.layers"``), or the longest ``nn.ModuleList`` of one class whose members hold
+    prunable layers (Llama's ``model.layers``, GPT-2's ``transformer.h``, BERT's
+    ``encoder.layer``, ViT's ``layers``)."""
+    model = unwrap_model(model)
+    if blocks is not None:
+        try:
+            found = model.get_submodule(blocks)
+        except AttributeError:
+            raise ConfigError(f"the model has no module {blocks!r}; name its list of blocks, e.g. 'model.layers'") from None
+        if not isinstance(found, (nn.ModuleList, nn.Sequential)) or not len(found):
+            raise ConfigError(f"{blocks!r} is a {type(found).__name__}, not a non-empty ModuleList of blocks")
+        return blocks, found
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and len({type(b) for b in module}) == 1:
+            if any(layer_type(m) is not None for m in module[0].modules()):
+                if best is None or len(module) > len(best[1]):
+                    best = (name, module)
+    if best is None:
+        raise ConfigError(
+            f"{type(model).__name__} has no stack of repeated blocks the sequencer understands (it looks for an "
+            "nn.ModuleList of one block class holding Linear / Conv1D layers); name it with blocks='path.to.list'"
+        )
+    return best
+
+
+class _Stop(Exception):
+    pass
+
+
+def _block_inputs(model: nn.Module, first: nn.Module, samples: Sequence[Any]) -> tuple[list[tuple], list[dict]]:
+    """The positional and keyword arguments the first block receives for every sample,
+    captured by a pre-hook that stops the forward there (nothing after it runs)."""
+    args_seen: list[tuple] = []
+    kwargs_seen: list[dict] = []
+
+    def hook(module, args, kwargs):
+        args_seen.append(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+        kwargs_seen.append(dict(kwargs))
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    config = getattr(model, "config", None)
+    cached = getattr(config, "use_cache", None)
+    if cached is not None:
+        config.use_cache = False  # a KV cache would make every later call of a block attend to earlier ones
+    try:
+        for sample in samples:
+            try:
+                call_model(model, sample)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+        if cached is not None:
+            config.use_cache = cached
+    for kw in kwargs_seen:
+        for k, v in list(kw.items()):
+            if type(v).__name__.endswith("Cache"):
+                kw[k] = None
+    if len(args_seen) != len(samples):
+        raise ConfigError("the first block was not called for every calibration sample; check `blocks`")
+    return args_seen, kwargs_seen
+
+
+def _output_hidden(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise ConfigError(f"a block returned {type(out).__name__}; expected a tensor or a tuple starting with one")
+
+
+def _layers_of(block: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in block.named_modules() if layer_type(m) is not None}
+
+
+@dataclass
+class OneShotResult:
+    masks: dict[str, torch.Tensor]
+    blocks: list[str]
+    sparsity: float
+    seconds_per_block: list[float]
+
+
+def _save_state(path: str, state: dict) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@torch.no_grad()
+def prune_oneshot(
+    model: nn.Module,
+    samples: Iterable[Any],
+    method: str = "wanda",
+    sparsity: float = 0.5,
+    *,
+    nm: tuple[int, int] | None = None,
+    group: str = "row",
+    blocks: str | None = None,
+    device: torch.device | str | None = None,
+    dampening: float = 0.01,
+    blocksize: int = 128,
+    state_path: str | None = None,
+    progress: bool = False,
+    on_block: Callable[[int], None] | None = None,
+) -> OneShotResult:
+    """Prune every registered layer inside the model's blocks, one block at a time.
+
+    ``samples`` are calibration inputs (token tensors ``[1, seq]`` or batches, dicts of model
+    inputs, ...). Each block's layers are pruned from the statistics of their inputs as the
+    pruned blocks before it produce them; the block's outputs then become the next block's
+    inputs. ``method``: magnitude, wanda or sparsegpt; ``nm=(2, 4)`` for N:M (layers whose
+    fan-in does not split are left dense, as in the training-time N:M method); ``group``:
+    "row" (the papers' choice for magnitude and Wanda) or "tensor". Layers outside the blocks
+    (embeddings, the output head) are not pruned. ``state_path``: after every block the pruned
+    weights and masks so far are saved there atomically; if the file exists, those blocks are
+    loaded instead of pruned again and the run resumes at the next one.
+    """
+    if method not in METHODS_ONESHOT:
+        raise ConfigError(f"unknown one-shot method {method!r}; known: {', '.join(METHODS_ONESHOT)}")
+    if nm is None:
+        check_sparsity(sparsity)
+    else:
+        n, m = check_nm_config(*nm)
+        sparsity = 1.0 - n / m
+    if group not in ("row", "tensor"):
+        raise ConfigError(f"group must be 'row' or 'tensor', got {group!r}")
+    model = unwrap_model(model)
+    samples = list(samples)
+    if not samples:
+        raise ConfigError("prune_oneshot needs at least one calibration sample")
+    path, stack = find_blocks(model, blocks)
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    state = {"format": "secateurs.oneshot/1", "method": method, "sparsity": sparsity, "nm": nm,
+             "group": group, "blocks": path, "done": 0, "weights": {}, "masks": {}}
+    if state_path is not None and os.path.exists(state_path):
+        saved = torch.load(state_path, map_location="cpu", weights_only=False)
+        keys = ("format", "method", "sparsity", "nm", "group", "blocks")
+        if any(saved.get(k) != state[k] for k in keys):
+            raise CheckpointError(
+                f"{state_path} is the state of another one-shot run "
+                f"({ {k: saved.get(k) for k in keys} }); use a new state path or the same settings"
+            )
+        state = saved
+    modes = {mod: mod.training for mod in model.modules()}
+    model.eval()
+    times: list[float] = []
+    try:
+        args, kwargs = _block_inputs(model, stack[0], samples)
+        hidden = [a[0].to("cpu") for a in args]  # the bounded buffer: one hidden state per sample
+        bar = _progress(len(stack), progress)
+        for b, block in enumerate(stack):
+            t0 = _clock()
+            block.to(device)
+            prefix = f"{path}.{b}"
+            layers = _layers_of(block)
+            if b < state["done"]:
+                for name, layer in layers.items():
+                    key = f"{prefix}.{name}" if name else prefix
+                    if key in state["weights"]:
+                        kind = layer_type(layer)
+                        getattr(layer, kind.param).copy_(state["weights"][key].to(device))
+            else:
+                _prune_block(block, prefix, layers, hidden, args, kwargs, device, method, sparsity, nm, group,
+                             dampening, blocksize, state)
+                state["done"] = b + 1
+                if state_path is not None:
+                    _save_state(state_path, state)
+                if on_block is not None:
+                    on_block(b)
+            hidden = [_output_hidden(block(h.to(device), *a[1:], **_to(k, device))).to("cpu")
+                      for h, a, k in zip(hidden, args, kwargs)]
+            block.to(home)
+            times.append(_clock() - t0)
+            bar.update(1)
+        bar.close()
+    finally:
+        for mod, mode in modes.items():
+            mod.training = mode
+    masks = {k: v.clone() for k, v in state["masks"].items()}
+    total = sum(v.numel() for v in masks.values())
+    achieved = 1 - sum(int(v.sum()) for v in masks.values()) / total if total else 0.0
+    return OneShotResult(masks, [f"{path}.{i}" for i in range(len(stack))], achieved, times)
+
+
+def _prune_block(block, prefix, layers, hidden, args, kwargs, device, method, sparsity, nm, group,
+                 dampening, blocksize, state) -> None:
+    stats: dict[str, LayerStats] = {}
+    handles = []
+    if method != "magnitude":
+        for name, layer in layers.items():
+            kind = layer_type(layer)
+            w = getattr(layer, kind.param)
+            features = w.numel() // w.shape[kind.output_axis]
+            stats[name] = LayerStats(features, hessian=method == "sparsegpt", device=device)
+            handles.append(layer.register_forward_hook(
+                lambda mod, inp, out, s=stats[name]: s.add(inp[0])))
+        try:
+            for h, a, k in zip(hidden, args, kwargs):
+                block(h.to(device), *a[1:], **_to(k, device))
+        finally:
+            for handle in handles:
+                handle.remove()
+    for name, layer in layers.items():
+        kind = layer_type(layer)
+        w = getattr(layer, kind.param)
+        key = f"{prefix}.{name}" if name else prefix
+        fan = w.numel() // w.shape[kind.output_axis]
+        if nm is not None and fan % nm[1]:
+            mask = torch.ones_like(w, dtype=torch.bool)  # stays dense, like the N:M method
+        elif method == "sparsegpt":
+            mask = sparsegpt_prune_(w, stats[name].hessian, sparsity, nm, blocksize, dampening, kind.output_axis, key)
+        else:
+            scores = w.detach().abs() if method == "magnitude" else wanda_scores(w, stats[name].norms, kind.output_axis)
+            mask = select(scores, sparsity, nm if nm is not None else group, kind.output_axis, key)
+            w.mul_(mask.to(w.dtype))
+        state["masks"][key] = mask.to("cpu")
+        state["weights"][key] = w.detach().to("cpu").clone()
+
+
+def _to(kwargs: dict, device) -> dict:
+    out = {}
+    for k, v in kwargs.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(device)
+        elif isinstance(v, tuple) and all(isinstance(t, torch.Tensor) for t in v):
+            out[k] = tuple(t.to(device) for t in v)
+        else:
+            out[k] = v
+    return out
+
+
+def _clock() -> float:
+    import time
+
+    return time.perf_counter()
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, on: bool):
+    if not on:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="blocks", unit="block")
+
+
+def calibration_samples(tokens: torch.Tensor, n: int, seq_len: int, seed: int = 0) -> list[dict]:
+    """``n`` windows of ``seq_len`` tokens drawn uniformly from a 1-D token stream (the
+    papers' C4 / WikiText calibration recipe), as ``{"input_ids": [1, seq_len]}`` samples."""
+    tokens = tokens.reshape(-1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"the number of calibration samples must be a positive int, got {n!r}")
+    if tokens.numel() <= seq_len:
+        raise ConfigError(
+            f"the calibration text has {tokens.numel()} tokens, not more than one sequence of {seq_len}; "
+            "give more text or a shorter sequence length"
+        )
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - seq_len, (n,), generator=g).tolist()
+    return [{"input_ids": tokens[s:s + seq_len][None].clone()} for s in starts]
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokens: torch.Tensor, seq_len: int, batch_size: int = 8) -> float:
+    """exp of the mean next-token cross-entropy over ``tokens`` (1-D) cut into
+    non-overlapping windows of ``seq_len`` (the remainder is dropped), as the Wanda and
+    SparseGPT papers evaluate WikiText-2."""
+    tokens = tokens.reshape(-1)
+    windows = tokens.numel() // seq_len
+    if windows == 0:
+        raise ConfigError(f"{tokens.numel()} tokens are fewer than one window of {seq_len}")
+    data = tokens[: windows * seq_len].reshape(windows, seq_len)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        device = next(model.parameters()).device
+        for i in range(0, windows, batch_size):
+            x = data[i:i + batch_size].to(device)
+            logits = logits_of(model(input_ids=x)).double()
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
+            total += float(loss)
+            count += x[:, 1:].numel()
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return math.exp(total / count)
