@@ -212,9 +212,19 @@ def cmd_list(args: argparse.Namespace) -> int:
     from .structured.blocks import BLOCKS
 
     print(f"prunable layer types (secateurs.register_layer adds one):\n  {', '.join(registered_layers())}")
+    from .experiments.oneshot import TEXTS
+
+    print(f"text corpora (secateurs oneshot --text):\n  {', '.join(TEXTS.names())}")
     print("transformer block handlers (secateurs.structured.blocks.BLOCKS):")
     for entry in BLOCKS:
         print(f"  {entry.name:<20} {entry.description}")
+    return 0
+
+
+def cmd_oneshot(args: argparse.Namespace) -> int:
+    from .experiments.oneshot import run_oneshot
+
+    run_oneshot(args)
     return 0
 
 
@@ -271,6 +281,24 @@ def build_parser() -> argparse.ArgumentParser:
     plast.add_argument("--runs-dir", default="runs", help="where run directories are created (default: runs)")
     plast.add_argument("--no-progress", action="store_true", help="no progress bars")
     plast.set_defaults(func=cmd_plasticity)
+
+    one = sub.add_parser("oneshot", help="prune a local Hugging Face causal LM with magnitude / Wanda / SparseGPT; perplexity before and after")
+    one.add_argument("--model", required=True, help="local model directory (from_pretrained; never downloads)")
+    one.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
+    one.add_argument("--sparsity", type=float, default=0.5, help="unstructured sparsity (default 0.5)")
+    one.add_argument("--nm", help="N:M pattern instead, e.g. 2:4")
+    one.add_argument("--text", help="registered text corpus for calibration and evaluation (secateurs list)")
+    one.add_argument("--calib", help="calibration text file (with --eval)")
+    one.add_argument("--eval", help="held-out text file for perplexity")
+    one.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default 128)")
+    one.add_argument("--seqlen", type=int, default=128, help="tokens per sequence (default 128)")
+    one.add_argument("--group", default="row", choices=["row", "tensor"], help="where magnitude / Wanda compare weights")
+    one.add_argument("--dampening", type=float, default=0.01, help="SparseGPT Hessian dampening (default 0.01)")
+    one.add_argument("--blocks", help="module path of the model's block list (default: found)")
+    one.add_argument("--seed", type=int, default=0)
+    one.add_argument("--runs-dir", default="runs", help="where run directories are created (default: runs)")
+    one.add_argument("--no-progress", action="store_true", help="no progress bars")
+    one.set_defaults(func=cmd_oneshot)
 
     report = sub.add_parser("report", help="redraw the plots and tables of a run directory")
     report.add_argument("run_dir")
