@@ -4,8 +4,6 @@ output shape kept, dead channels compacted without changing outputs, Taylor on t
 The CNNs go through the channel dependency graph, captured by running the model because
 ``torch.fx`` cannot trace them; the transformers through the attention / MLP block handlers.
 """
-import math
-
 import pytest
 import torch
 from torch import nn
@@ -20,6 +18,7 @@ from secateurs.structured.graph import build_graph  # noqa: E402
 from secateurs.structured.prune import zero_units  # noqa: E402
 
 from test_hf_zoo import ZOO, batch, build, inputs_of  # noqa: E402
+from test_structured_prune import predicted_parameters  # noqa: E402
 
 CNNS = ["resnet", "mobilenet_v2", "convnext", "efficientnet"]
 X = torch.randn(1, 3, 32, 32)
@@ -43,31 +42,6 @@ def test_half_of_the_macs_removed_keeps_the_output_shape(name):
     assert 0.45 <= removed <= 0.56, removed
     assert run(small, x).shape == run(model, x).shape
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
-
-
-def _predicted_parameters(model, graph, plan):
-    """Parameters after removing ``plan``, from layer shapes (independent of the rebuild)."""
-    cut = {}
-    for name, units in plan.items():
-        for s in graph.group(name).slices:
-            cut.setdefault((s.module, s.role), set()).update(i for u in units for i in s.indices[u])
-    total = 0
-    for name, m in model.named_modules():
-        gone = lambda role: len(cut.get((name, role), ()))  # noqa: E731
-        own = dict(m.named_parameters(recurse=False))
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            out = m.weight.shape[0] - gone("out") - gone("depthwise")
-            fan_in = m.weight.shape[1] - gone("in")
-            total += out * fan_in * math.prod(m.weight.shape[2:]) + (out if m.bias is not None else 0)
-        elif isinstance(m, nn.BatchNorm2d):
-            total += 2 * (m.num_features - gone("bn"))
-        elif isinstance(m, nn.LayerNorm):
-            total += 2 * (m.normalized_shape[0] - gone("ln"))
-        else:
-            for attr, p in own.items():
-                shrunk = [role for (mod, role) in cut if mod == name and role.startswith(f"param:{attr}:")]
-                total += p.numel() - sum(gone(r) for r in shrunk) * (p.numel() // max(p.shape[int(shrunk[0].rsplit(':', 1)[1])], 1) if shrunk else 0)
-    return total
 
 
 @pytest.mark.parametrize("name", CNNS)
@@ -100,7 +74,7 @@ def test_compacting_dead_channels_is_lossless(name):
     assert chosen, "no group can be compacted"
     assert zero_units(model, graph) == chosen
     small = compact_zero_channels(model, x[:1])
-    assert sum(p.numel() for p in small.parameters()) == _predicted_parameters(model, graph, chosen)
+    assert sum(p.numel() for p in small.parameters()) == predicted_parameters(model, graph, chosen)
     torch.testing.assert_close(run(small, x), run(model, x), atol=1e-5, rtol=0)
 
 

@@ -56,8 +56,13 @@ def predicted_parameters(model: nn.Module, graph, plan) -> int:
             total += out * fan_in * math.prod(m.weight.shape[2:]) + (out if m.bias is not None else 0)
         elif isinstance(m, nn.BatchNorm2d):
             total += 2 * (m.num_features - gone("bn"))
-        else:
-            total += sum(p.numel() for p in m.parameters(recurse=False))
+        elif isinstance(m, nn.LayerNorm):
+            total += 2 * (m.normalized_shape[0] - gone("ln"))
+        else:  # a module's own per-channel parameters (role "param:<attr>:<dim>") shrink along <dim>
+            for attr, p in m.named_parameters(recurse=False):
+                roles = [r for (mod, r) in cut if mod == name and r.startswith(f"param:{attr}:")]
+                per_index = p.numel() // p.shape[int(roles[0].rsplit(":", 1)[1])] if roles else 0
+                total += p.numel() - sum(gone(r) for r in roles) * per_index
     return total
 
 

@@ -399,6 +399,7 @@ def prune_units_to_macs(
     import copy
 
     from ..analysis.flops import layer_macs
+    from .prune import bisect_removal
 
     if isinstance(macs_fraction_removed, bool) or not 0.0 <= macs_fraction_removed < 1.0:
         raise ConfigError(f"macs_fraction_removed must be in [0, 1), got {macs_fraction_removed!r}")
@@ -411,23 +412,13 @@ def prune_units_to_macs(
         apply_plan(pruned, _plan(groups, scores, {"heads": share, "mlp": share}))
         return pruned, 1.0 - sum(layer_macs(pruned, example_input).values()) / dense
 
-    top_model, top = attempt(0.999)
+    _, top = attempt(0.999)
     if top + tolerance < macs_fraction_removed:
         raise ConfigError(
             f"removing heads and MLP units can take at most {top:.1%} of this model's MACs (embeddings, "
             f"output heads and other layers keep theirs); asked for {macs_fraction_removed:.1%}"
         )
-    lo, hi = 0.0, 0.999
-    best = (model, 0.0, 0.0)
-    for _ in range(max_steps):
-        mid = (lo + hi) / 2
-        pruned, removed = attempt(mid)
-        if abs(removed - macs_fraction_removed) < abs(best[2] - macs_fraction_removed):
-            best = (pruned, mid, removed)
-        if abs(removed - macs_fraction_removed) <= tolerance:
-            break
-        lo, hi = (mid, hi) if removed < macs_fraction_removed else (lo, mid)
-    return best[0], best[1]
+    return bisect_removal(attempt, macs_fraction_removed, 0.999, tolerance, max_steps, model)
 
 
 def apply_plan(model: nn.Module, plan: dict[str, list[int]], groups: Sequence[UnitGroup] | None = None) -> None:

@@ -238,8 +238,7 @@ def prune_to_flops(
         pruned = remove_units(model, graph, plan_removal(graph, scores, ratio, scope, min_channels))
         return pruned, 1.0 - model_cost(pruned, example_input).macs / dense
 
-    lo, hi = 0.0, 1.0 - 1e-9
-    best = (model, 0.0, 0.0)  # (model, ratio, removed)
+    hi = 1.0 - 1e-9
     top, top_removed = attempt(hi)
     if top_removed + tolerance < flops_fraction_removed:
         raise ConfigError(
@@ -247,12 +246,21 @@ def prune_to_flops(
             f"and output layers and frozen groups {sorted(graph.frozen)} keep theirs), asked for "
             f"{flops_fraction_removed:.1%}; lower the target or min_channels"
         )
+    return bisect_removal(attempt, flops_fraction_removed, hi, tolerance, max_steps, model)
+
+
+def bisect_removal(attempt, target: float, hi: float, tolerance: float, max_steps: int, unpruned):
+    """Bisect the knob of ``attempt(knob) -> (model, share removed)`` on ``[0, hi]`` towards
+    ``target``; returns ``(model, knob)`` of the closest attempt (removal grows in whole units,
+    so it stops within ``tolerance`` or after ``max_steps``)."""
+    lo = 0.0
+    best = (unpruned, 0.0, 0.0)  # (model, knob, removed)
     for _ in range(max_steps):
         mid = (lo + hi) / 2
         pruned, removed = attempt(mid)
-        if abs(removed - flops_fraction_removed) < abs(best[2] - flops_fraction_removed):
+        if abs(removed - target) < abs(best[2] - target):
             best = (pruned, mid, removed)
-        if abs(removed - flops_fraction_removed) <= tolerance:
+        if abs(removed - target) <= tolerance:
             break
-        lo, hi = (mid, hi) if removed < flops_fraction_removed else (lo, mid)
+        lo, hi = (mid, hi) if removed < target else (lo, mid)
     return best[0], best[1]
