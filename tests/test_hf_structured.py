@@ -18,7 +18,7 @@ from secateurs.structured.graph import build_graph  # noqa: E402
 from secateurs.structured.prune import zero_units  # noqa: E402
 
 from test_hf_zoo import ZOO, batch, build, inputs_of  # noqa: E402
-from test_structured_prune import predicted_parameters  # noqa: E402
+from test_structured_prune import predicted_parameters, zero_channels_  # noqa: E402
 
 CNNS = ["resnet", "mobilenet_v2", "convnext", "efficientnet"]
 X = torch.randn(1, 3, 32, 32)
@@ -61,16 +61,8 @@ def test_compacting_dead_channels_is_lossless(name):
             safe = [u for u in range(g.units) if u not in graph.unsafe_to_compact.get(g.name, ())]
             if len(safe) < 3 or len(safe) < g.units:  # a group left with no unit keeps one: skip tiny ones
                 continue
-            units = sorted({safe[0], safe[len(safe) // 2]})
-            chosen[g.name] = units
-            for s in g.slices:
-                if s.role == "in" or s.role.startswith("param:"):
-                    continue
-                m = model.get_submodule(s.module)
-                for u in units:
-                    for p in (m.weight, m.bias):
-                        if p is not None and s.indices[u]:
-                            p[list(s.indices[u])] = 0
+            chosen[g.name] = sorted({safe[0], safe[len(safe) // 2]})
+            zero_channels_(model, g, chosen[g.name])
     assert chosen, "no group can be compacted"
     assert zero_units(model, graph) == chosen
     small = compact_zero_channels(model, x[:1])

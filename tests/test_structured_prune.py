@@ -70,7 +70,7 @@ def zero_channels_(model: nn.Module, group, units) -> None:
     """Kill channels the way a channel mask would: producer filters, biases and BN affine."""
     with torch.no_grad():
         for s in group.slices:
-            if s.role == "in":
+            if s.role == "in" or s.role.startswith("param:"):  # consumers; per-channel scales of a dead channel
                 continue
             m = model.get_submodule(s.module)
             for u in units:
