@@ -1,7 +1,5 @@
 """Structured pruning of Hugging Face transformers: whole attention heads and MLP units,
 found by block handlers without tracing, removed consistently across q/k/v/o and gate/up/down."""
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -20,6 +18,7 @@ from secateurs.structured.blocks import (  # noqa: E402
 )
 
 from test_hf_zoo import batch, build, inputs_of  # noqa: E402
+from test_structured_prune import run_export_in_a_new_python  # noqa: E402
 
 TRANSFORMERS = ["vit", "deit", "swin", "bert", "gpt2", "llama"]
 
@@ -113,7 +112,9 @@ def test_uniform_plan_round_trips_through_save_pretrained(name, tmp_path):
     x = inputs_of(name, batch(name))
     prune_units(model, 0.5)
     changes = save_pretrained_compact(model, tmp_path)
-    assert changes["num_attention_heads"] == (2 if name == "llama" else 2)
+    assert changes["num_attention_heads"] == 2  # of 4
+    if name == "llama":
+        assert changes["num_key_value_heads"] == 1  # of 2: a unit is one key/value group
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         again = type(model).from_pretrained(tmp_path).eval()
@@ -133,16 +134,9 @@ def test_torch_export_archive_reloads_a_pruned_llama_without_secateurs(tmp_path)
     ids = torch.randint(0, 100, (3, 16))
     path = tmp_path / "llama.pt2"
     save_compact(model, path, {"input_ids": ids[:1]})
-    torch.save(ids, tmp_path / "ids.pt")
-    code = (
-        "import sys, torch\n"
-        f"m = torch.export.load({str(path)!r}).module()\n"
-        f"torch.save(m(torch.load({str(tmp_path / 'ids.pt')!r})), {str(tmp_path / 'y.pt')!r})\n"
-        "print(any(k.startswith('secateurs') for k in sys.modules))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
-    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), run(model, ids), atol=1e-5, rtol=0)
+    y, imported = run_export_in_a_new_python(path, ids, tmp_path)
+    assert not imported
+    torch.testing.assert_close(y, run(model, ids), atol=1e-5, rtol=0)
     assert load_compact(path)(ids).shape == (3, 16, 100)
 
 
@@ -154,9 +148,22 @@ class _Attention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(12, 12) for _ in range(4))
 
 
+class _HeadCount(_Attention):
+    def __init__(self):
+        super().__init__(None)
+        self.num_heads = 3
+
+
 def test_a_head_size_that_does_not_divide_the_projections_is_named():
     with pytest.raises(ConfigError, match="head size 5 does not divide the query \\(12\\)"):
         find_unit_groups(nn.Sequential(_Attention(5)))
+
+
+def test_an_attention_module_without_head_size_or_count_is_refused_not_skipped():
+    with pytest.raises(ConfigError, match="looks like attention.*head_dim.*num_heads"):
+        find_unit_groups(nn.Sequential(_Attention(None)))
+    groups = find_unit_groups(nn.Sequential(_HeadCount()), kinds=["heads"])
+    assert groups[0].units == 3 and groups[0].unit_size == 4
 
 
 def test_a_model_without_recognised_blocks_lists_the_handlers_and_how_to_add_one():
@@ -183,7 +190,9 @@ def test_a_new_block_type_is_one_registered_handler():
 
     try:
         model = nn.Sequential(TwoLayer())
-        prune_units(model, 0.5)
+        with pytest.raises(ConfigError, match="no attention block .* heads cannot be pruned"):
+            prune_units(model, 0.5)  # heads asked for, none found: refused, not skipped
+        prune_units(model, {"mlp": 0.5})
         assert model[0].up.out_features == 3 and model[0].down.in_features == 3
         assert model(torch.randn(2, 4)).shape == (2, 4)
     finally:
@@ -195,3 +204,14 @@ def test_bad_fractions_are_refused():
         prune_units(build("llama"), 1.0)
     with pytest.raises(ConfigError, match="unknown unit kind"):
         prune_units(build("llama"), {"channels": 0.5})
+
+
+@pytest.mark.parametrize("name", TRANSFORMERS)
+def test_every_pruned_transformer_exports_and_reloads(name, tmp_path):
+    model = build(name).eval()
+    x = inputs_of(name, batch(name, 2))
+    prune_units(model, 0.5)
+    save_compact(model, tmp_path / "m.pt2", x)
+    loaded = load_compact(tmp_path / "m.pt2")
+    y = loaded(*x.values()) if isinstance(x, dict) else loaded(x)
+    torch.testing.assert_close(y, run(model, x), atol=1e-5, rtol=0)

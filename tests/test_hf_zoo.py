@@ -315,7 +315,7 @@ def test_a_model_with_no_prunable_weights_says_how_to_choose_them():
 
 def test_an_unregistered_layer_type_is_named_with_how_to_register_it():
     model = nn.Sequential(nn.Linear(4, 4), _Bilinearish())
-    with pytest.warns(PruningNotice, match=r"1 \(_Bilinearish\).*register_layer\(_Bilinearish"):
+    with pytest.warns(PruningNotice, match=r"1\.weight \(_Bilinearish\).*register_layer\(_Bilinearish"):
         masks = Masks(model)
     assert masks.names() == ["0.weight"]
     with pytest.raises(ConfigError, match="not registered layer types.*register_layer\\(_Bilinearish"):
@@ -328,6 +328,14 @@ def test_an_unregistered_layer_type_is_named_with_how_to_register_it():
     finally:
         from secateurs.layers import _BY_CLASS
         del _BY_CLASS[_Bilinearish]
+
+
+def test_multihead_attentions_in_proj_weight_is_named_not_silently_skipped():
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32)
+    with pytest.warns(PruningNotice, match=r"self_attn\.in_proj_weight \(MultiheadAttention\)"):
+        masks = Masks(layer)
+    assert "self_attn.out_proj.weight" in masks.names()
+    assert "self_attn.in_proj_weight" in Masks(layer, include=["*weight"]).names()
 
 
 def test_a_tied_weight_is_left_out_with_a_notice_and_included_by_any_alias():

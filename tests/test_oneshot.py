@@ -212,3 +212,16 @@ def test_nm_leaves_layers_whose_fan_in_does_not_split_dense_and_perplexity_is_fi
 def test_calibration_shorter_than_one_sequence_is_refused():
     with pytest.raises(ConfigError, match="has 10 tokens, not more than one sequence of 16"):
         calibration_samples(torch.arange(10), 4, 16)
+
+
+def test_nm_misfits_are_named_in_a_notice_and_stay_dense():
+    from secateurs import PruningNotice
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=66, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with pytest.warns(PruningNotice, match=r"2:4 left 1 layer\(s\) of model.layers.0 dense .*down_proj \(66 inputs\)"):
+        result = prune_oneshot(model, _samples(), "wanda", nm=(2, 4))
+    assert result.masks["model.layers.0.mlp.down_proj"].all()
+    assert check_nm(result.masks["model.layers.0.mlp.up_proj"], 2, 4)

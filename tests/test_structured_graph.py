@@ -158,3 +158,25 @@ def test_hard_coded_channel_count_in_view_freezes_the_group():
 def test_exclude_must_be_a_list():
     with pytest.raises(ConfigError, match="wrap it"):
         build_graph(CatNet(), X32, exclude="a")
+
+
+class _Overwrite(nn.Module):
+    """Channels 0-3 of ``a`` are overwritten in place by ``b``'s (a write that returns nothing),
+    behind control flow fx cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3), nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        y, z = self.a(x), self.b(x)
+        if int(x.shape[0]) > 0:
+            y[:, :4] = z[:, :4]
+        return self.c(F.relu(y)).mean((2, 3))
+
+
+def test_an_in_place_write_in_a_captured_graph_freezes_the_channels_it_touches():
+    graph = build_graph(_Overwrite(), torch.randn(1, 3, 16, 16))
+    assert graph.capture == "run"
+    assert "__setitem__" in graph.frozen["a"]  # pruning a's channels would silently mis-assign the write
+    assert not graph.prunable

@@ -26,7 +26,7 @@ from .errors import ConfigError
 
 __all__ = [
     "LayerType", "register_layer", "layer_type", "class_layer_type", "registered_layers", "PruningNotice",
-    "as_rows", "fan_in", "output_units", "notice",
+    "as_rows", "from_rows", "fan_in", "notice",
 ]
 
 
@@ -104,11 +104,6 @@ def registered_layers() -> list[str]:
     return sorted({k.name for k in (*_BY_CLASS.values(), *_BY_QUALNAME.values())})
 
 
-def output_units(shape: torch.Size | Iterable[int], output_axis: int = 0) -> int:
-    shape = tuple(shape)
-    return shape[output_axis]
-
-
 def fan_in(shape: torch.Size | Iterable[int], output_axis: int = 0) -> int:
     """Inputs per output unit: every element of the weight that is not on the output axis."""
     shape = tuple(shape)
@@ -134,16 +129,21 @@ def from_rows(rows: torch.Tensor, shape: torch.Size, output_axis: int = 0) -> to
 
 
 def unregistered_matrix_modules(model: nn.Module) -> list[tuple[str, str]]:
-    """``(module name, class name)`` of modules that hold a matrix or kernel ``weight`` but are
-    not registered layer types, embeddings excluded (they are looked up, not multiplied)."""
+    """``(parameter name, module class)`` of matrix or kernel weights (parameters of 2+ dims
+    whose name ends in ``weight``) that no registered layer owns as its weight: a
+    ``MultiheadAttention``'s ``in_proj_weight``, a ``Bilinear`` or a user's own layer.
+    Embeddings are excluded (they are looked up, not multiplied)."""
     out = []
     for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if (
-            isinstance(weight, nn.Parameter)
-            and weight.dim() >= 2
-            and layer_type(module) is None
-            and not isinstance(module, (nn.Embedding, nn.EmbeddingBag))
-        ):
-            out.append((name, type(module).__name__))
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            continue
+        kind = layer_type(module)
+        for p_name, p in module._parameters.items():
+            if (
+                isinstance(p, nn.Parameter)
+                and p.dim() >= 2
+                and p_name.endswith("weight")
+                and (kind is None or p_name != kind.param)
+            ):
+                out.append((f"{name}.{p_name}" if name else p_name, type(module).__name__))
     return out

@@ -68,7 +68,6 @@ def prunable_layout(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
     types: Sequence[type[nn.Module]] | None = DEFAULT_PRUNABLE_TYPES,
-    quiet: bool = False,
 ) -> tuple[dict[str, nn.Parameter], dict[str, int | None], dict[str, list[str]]]:
     """``(params, output_axes, aliases)`` of the parameters to mask, keyed by canonical name
     (the name ``model.named_parameters()`` gives), in registration order.
@@ -106,7 +105,7 @@ def prunable_layout(
         for key, listed in names.items():
             if key in params and any(_matches(n, include) for n in listed):
                 chosen[key] = canonical[key]
-                if len(listed) > 1 and not quiet:
+                if len(listed) > 1:
                     notice(
                         f"{' = '.join(listed)} are one tied parameter: its mask is named {listed[0]!r} "
                         "and prunes every use of it"
@@ -135,7 +134,7 @@ def prunable_layout(
                 left_out.append((names[key], type(others[0]).__name__))
                 continue
             chosen[key] = canonical[key]
-        if left_out and not quiet:
+        if left_out:
             shown = "; ".join(f"{' = '.join(n)} (shared with a {t})" for n, t in left_out[:3])
             notice(
                 f"not pruned: {shown}. A tied weight is shared with a module that is not a prunable layer "
@@ -143,12 +142,12 @@ def prunable_layout(
                 f"pass include=[...] with its name"
             )
         unknown = unregistered_matrix_modules(model)
-        if unknown and not quiet:
+        if unknown:
             shown = ", ".join(f"{n} ({t})" for n, t in unknown[:4])
             notice(
                 f"not pruned: {shown}{' and more' if len(unknown) > 4 else ''} hold matrix weights but their "
-                f"types are not registered layers; register one with secateurs.register_layer({unknown[0][1]}, "
-                "output_axis=0) or choose its weight with include=[...]"
+                f"types are not registered layers; register the type with secateurs.register_layer({unknown[0][1]}, "
+                "output_axis=0) or choose the parameter with include=[...]"
             )
     order = {id(p): i for i, (_, p) in enumerate(model.named_parameters())}
     keys = sorted(chosen, key=order.__getitem__)

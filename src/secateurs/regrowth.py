@@ -125,14 +125,14 @@ def regrow_by_gradient(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.T
 def _owners(model: nn.Module, names) -> dict[str, nn.Module]:
     """The layer owning each weight; a weight must be the parameter of a registered layer type."""
     params = dict(model.named_parameters())
+    layer_of = {}  # id of a registered layer's weight -> the layer, in one pass over the modules
+    for module in model.modules():
+        kind = layer_type(module)
+        if kind is not None and module._parameters.get(kind.param) is not None:
+            layer_of.setdefault(id(module._parameters[kind.param]), module)
     owners = {}
     for name in names:
-        owner = None
-        for module in model.modules():
-            kind = layer_type(module)
-            if kind is not None and module._parameters.get(kind.param) is params.get(name):
-                owner = module
-                break
+        owner = layer_of.get(id(params[name])) if name in params else None
         if owner is None:
             raise ConfigError(
                 f"cosine regrowth compares a layer's input and output activations; {name} is not the weight "

@@ -1,7 +1,8 @@
 """``secateurs oneshot``: prune a pretrained causal language model from a local directory with
 magnitude, Wanda or SparseGPT, and measure held-out perplexity before and after.
 
-One run directory per setting (named by a hash of the settings), holding ``config.json``, the
+One run directory per setting (named by a hash of the non-default settings, as for every
+other run), holding ``config.yaml``, the
 sequencer's per-block ``state.pt`` (a killed run resumes at the next block),
 ``results.json`` / ``results.csv`` and the pruned model (``model/``, ``save_pretrained``
 with the masks applied, loadable by ``from_pretrained`` without secateurs).
@@ -14,19 +15,22 @@ is measured on test.
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
-import os
+import io
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
+from ..allocation import check_sparsity
 from ..errors import ConfigError, DataError
+from ..granularity import check_nm_config
 from ..registry import Registry
+from .config import HashedConfig
+from .runs import RunDir, atomic_write_text
 
 TEXTS: Registry[Callable[[], str]] = Registry("text corpus")
 
@@ -53,6 +57,37 @@ def _read(path: str) -> str:
         raise DataError(f"cannot read the text file {path!r}: {err.strerror}") from None
 
 
+@dataclass(frozen=True)
+class OneShotConfig(HashedConfig):
+    """One ``secateurs oneshot`` run; its run directory is named by a hash of the non-default
+    fields, like every other run."""
+
+    name: str = "oneshot"
+    model: str = ""
+    method: str = "wanda"
+    sparsity: float = 0.5
+    nm: Optional[str] = None
+    text: Optional[str] = None
+    calib: Optional[str] = None
+    eval: Optional[str] = None
+    nsamples: int = 128
+    seqlen: int = 128
+    group: str = "row"
+    dampening: float = 0.01
+    blocks: Optional[str] = None
+    seed: int = 0
+
+
+def _parse_nm(value: Optional[str]) -> Optional[tuple[int, int]]:
+    if not value:
+        return None
+    try:
+        n, m = (int(v) for v in value.split(":"))
+    except ValueError:
+        raise ConfigError(f"--nm must look like 2:4, got {value!r}") from None
+    return check_nm_config(n, m)
+
+
 def run_oneshot(args) -> dict:
     import transformers
 
@@ -61,63 +96,58 @@ def run_oneshot(args) -> dict:
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"--model {args.model}: no config.json there; give a local Hugging Face model directory")
-    nm = None
-    if args.nm:
-        try:
-            n, m = (int(v) for v in args.nm.split(":"))
-        except ValueError:
-            raise ConfigError(f"--nm must look like 2:4, got {args.nm!r}") from None
-        nm = (n, m)
+    nm = _parse_nm(args.nm)
+    if nm is None:
+        check_sparsity(args.sparsity)
     if args.text is None and args.calib is None:
         raise ConfigError("give calibration text: --text kjv (a registered corpus) or --calib FILE")
+    if args.calib is not None and not args.eval:
+        raise ConfigError("with --calib FILE, also give the held-out text: --eval FILE")
+    config = OneShotConfig(
+        name=f"oneshot-{model_dir.name}-{args.method}", model=str(model_dir.resolve()), method=args.method,
+        sparsity=args.sparsity if nm is None else 1.0 - nm[0] / nm[1], nm=args.nm, text=args.text,
+        calib=args.calib, eval=args.eval, nsamples=args.nsamples, seqlen=args.seqlen, group=args.group,
+        dampening=args.dampening, blocks=args.blocks, seed=args.seed,
+    )
+    run = RunDir.for_config(config, args.runs_dir)
+    if run.results().get("complete"):
+        run.bind(config)
+        print(f"run directory: {run.path} (already complete)")
+        return run.results()
     if args.text is not None:
         splits = split_text(TEXTS.get(args.text)())
         calib_text, eval_text = splits["train"], (_read(args.eval) if args.eval else splits["test"])
     else:
-        calib_text = _read(args.calib)
-        if not args.eval:
-            raise ConfigError("with --calib FILE, also give the held-out text: --eval FILE")
-        eval_text = _read(args.eval)
-    settings = {
-        "model": str(model_dir.resolve()), "method": args.method, "sparsity": args.sparsity if nm is None else None,
-        "nm": args.nm, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
-        "text": args.text, "calib": args.calib, "eval": args.eval, "group": args.group,
-        "dampening": args.dampening, "blocks": args.blocks,
-    }
-    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
-    run = Path(args.runs_dir) / f"oneshot-{model_dir.name}-{args.method}-{digest}"
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "config.json").write_text(json.dumps(settings, indent=2) + "\n")
-    if (run / "results.json").is_file():
-        print(f"run directory: {run} (already complete)")
-        return json.loads((run / "results.json").read_text())
-    print(f"run directory: {run}")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
-    model.eval()
-    calib_ids = torch.tensor(tokenizer(calib_text)["input_ids"])
-    eval_ids = torch.tensor(tokenizer(eval_text)["input_ids"])
-    samples = calibration_samples(calib_ids, args.nsamples, args.seqlen, args.seed)
-    before = perplexity(model, eval_ids, args.seqlen)
-    t0 = time.perf_counter()
-    result = prune_oneshot(model, samples, args.method, args.sparsity, nm=nm, group=args.group, blocks=args.blocks,
-                           dampening=args.dampening, state_path=str(run / "state.pt"), progress=not args.no_progress)
-    seconds = time.perf_counter() - t0
-    after = perplexity(model, eval_ids, args.seqlen)
-    model.save_pretrained(run / "model")
-    tokenizer.save_pretrained(run / "model")
-    results = {
-        "method": args.method, "pattern": args.nm or f"{args.sparsity:.0%}", "sparsity": result.sparsity,
-        "nsamples": args.nsamples, "perplexity_dense": before, "perplexity_pruned": after,
-        "prune_seconds": seconds, "blocks": len(result.blocks), "eval_tokens": int(eval_ids.numel()),
-    }
-    tmp = run / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    with open(run / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(results))
+        calib_text, eval_text = _read(args.calib), _read(args.eval)
+    run.bind(config)
+    print(f"run directory: {run.path}")
+    with run.lock():
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+        model.eval()
+        calib_ids = torch.tensor(tokenizer(calib_text)["input_ids"])
+        eval_ids = torch.tensor(tokenizer(eval_text)["input_ids"])
+        samples = calibration_samples(calib_ids, args.nsamples, args.seqlen, args.seed)
+        before = perplexity(model, eval_ids, args.seqlen)
+        t0 = time.perf_counter()
+        result = prune_oneshot(model, samples, args.method, config.sparsity, nm=nm, group=args.group,
+                               blocks=args.blocks, dampening=args.dampening, state_path=str(run.path / "state.pt"),
+                               progress=not args.no_progress)
+        seconds = time.perf_counter() - t0
+        after = perplexity(model, eval_ids, args.seqlen)
+        model.save_pretrained(run.path / "model")
+        tokenizer.save_pretrained(run.path / "model")
+        row = {
+            "method": args.method, "pattern": args.nm or f"{args.sparsity:.0%}", "sparsity": result.sparsity,
+            "nsamples": args.nsamples, "perplexity_dense": before, "perplexity_pruned": after,
+            "prune_seconds": seconds, "blocks": len(result.blocks), "eval_tokens": int(eval_ids.numel()),
+        }
+        table = io.StringIO()
+        writer = csv.DictWriter(table, fieldnames=list(row))
         writer.writeheader()
-        writer.writerow(results)
-    os.replace(tmp, run / "results.json")
-    print(f"{args.method} {results['pattern']}: perplexity {before:.2f} -> {after:.2f} "
+        writer.writerow(row)
+        atomic_write_text(run.path / "results.csv", table.getvalue())
+        run.write_results({"complete": True, **row})  # written last: its presence means done
+    print(f"{args.method} {row['pattern']}: perplexity {before:.2f} -> {after:.2f} "
           f"(sparsity {result.sparsity:.4f}, pruning {seconds:.1f} s)")
-    return results
+    return row

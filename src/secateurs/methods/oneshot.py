@@ -33,9 +33,9 @@ from torch import nn
 
 from ..allocation import check_sparsity, keep_count
 from ..engine import select
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, SparsityMismatchError
 from ..granularity import check_nm_config
-from ..layers import as_rows, from_rows, layer_type
+from ..layers import as_rows, from_rows, layer_type, notice
 from ..masks import unwrap_model
 from ..outputs import call_model, logits_of
 
@@ -215,8 +215,16 @@ def _block_inputs(model: nn.Module, first: nn.Module, samples: Sequence[Any]) ->
     kwargs_seen: list[dict] = []
 
     def hook(module, args, kwargs):
+        kwargs = dict(kwargs)
+        if not args and isinstance(kwargs.get("hidden_states"), torch.Tensor):
+            args = (kwargs.pop("hidden_states"),)  # passed by keyword: make it the first argument
+        if not args or not isinstance(args[0], torch.Tensor):
+            raise ConfigError(
+                f"the first block ({type(module).__name__}) was called without a hidden-state tensor as its first "
+                "argument or as hidden_states=; the sequencer cannot feed it"
+            )
         args_seen.append(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
-        kwargs_seen.append(dict(kwargs))
+        kwargs_seen.append(kwargs)
         raise _Stop
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
@@ -391,6 +399,7 @@ def _prune_block(block, prefix, layers, hidden, args, kwargs, device, method, sp
         finally:
             for handle in handles:
                 handle.remove()
+    misfits = []
     for name, layer in layers.items():
         kind = layer_type(layer)
         w = getattr(layer, kind.param)
@@ -398,14 +407,37 @@ def _prune_block(block, prefix, layers, hidden, args, kwargs, device, method, sp
         fan = w.numel() // w.shape[kind.output_axis]
         if nm is not None and fan % nm[1]:
             mask = torch.ones_like(w, dtype=torch.bool)  # stays dense, like the N:M method
+            misfits.append(f"{key} ({fan} inputs)")
         elif method == "sparsegpt":
             mask = sparsegpt_prune_(w, stats[name].hessian, sparsity, nm, blocksize, dampening, kind.output_axis, key)
         else:
             scores = w.detach().abs() if method == "magnitude" else wanda_scores(w, stats[name].norms, kind.output_axis)
             mask = select(scores, sparsity, nm if nm is not None else group, kind.output_axis, key)
             w.mul_(mask.to(w.dtype))
+        _check_count(key, mask, sparsity, nm, group if method != "sparsegpt" else "tensor", kind.output_axis, fan)
         state["masks"][key] = mask.to("cpu")
         state["weights"][key] = w.detach().to("cpu").clone()
+    if misfits:
+        notice(f"{nm[0]}:{nm[1]} left {len(misfits)} layer(s) of {prefix} dense (inputs per output not divisible by "
+               f"{nm[1]}): {', '.join(misfits[:4])}")
+
+
+def _check_count(key, mask, sparsity, nm, group, output_axis, fan) -> None:
+    """Every mask holds exactly the planned number of weights, or the run stops."""
+    rows = mask.numel() // fan
+    if nm is not None and fan % nm[1]:
+        planned = mask.numel()
+    elif nm is not None:
+        planned = mask.numel() // nm[1] * nm[0]
+    elif group == "row":
+        planned = rows * keep_count(fan, sparsity)
+    else:
+        planned = keep_count(mask.numel(), sparsity)
+    kept = int(torch.count_nonzero(mask))
+    if kept != planned:
+        raise SparsityMismatchError(
+            f"{key} keeps {kept} weights but the plan keeps {planned} (this is a bug; please report it)"
+        )
 
 
 def _to(kwargs: dict, device) -> dict:

@@ -94,6 +94,22 @@ def _set_int_attrs(module: nn.Module, values: dict[str, int]) -> None:
             setattr(module, attr, value)
 
 
+def _head_dim(name: str, module: nn.Module, q: nn.Module, head_dim) -> int:
+    """The head size, from ``head_dim`` or from the query width and a head count attribute; an
+    attention-shaped module without either is refused, never skipped."""
+    if isinstance(head_dim, int) and not isinstance(head_dim, bool):
+        return head_dim
+    for attr in ("num_heads", "num_attention_heads", "n_heads"):
+        heads = getattr(module, attr, None)
+        if isinstance(heads, int) and heads > 0 and _outputs(q) % heads == 0:
+            return _outputs(q) // heads
+    raise ConfigError(
+        f"{name} looks like attention (query / key / value / output projections) but says neither its head "
+        "size (head_dim) nor its head count (num_heads / num_attention_heads), so its heads cannot be "
+        "located; set one of them, or register a handler for its class with BLOCKS.register"
+    )
+
+
 def _heads(name: str, q: nn.Module, k: nn.Module, head_dim: int) -> tuple[int, int]:
     q_out, k_out = _outputs(q), _outputs(k)
     if head_dim <= 0 or q_out % head_dim or k_out % head_dim:
@@ -110,9 +126,9 @@ def _heads(name: str, q: nn.Module, k: nn.Module, head_dim: int) -> tuple[int, i
 @BLOCKS.register("qkvo_attention", "attention with q_proj / k_proj / v_proj / o_proj (Llama, ViT, Swin, ...)")
 def qkvo_attention(name: str, module: nn.Module) -> UnitGroup | None:
     q, k, v, o = (_layer(module, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
-    head_dim = getattr(module, "head_dim", None)
-    if None in (q, k, v, o) or not isinstance(head_dim, int):
+    if None in (q, k, v, o):
         return None
+    head_dim = _head_dim(name, module, q, getattr(module, "head_dim", None))
     heads, kv = _heads(name, q, k, head_dim)
     group = heads // kv  # query heads per key/value head: a unit is one key/value group
     per_unit = []
@@ -140,9 +156,9 @@ def qkvo_attention(name: str, module: nn.Module) -> UnitGroup | None:
 @BLOCKS.register("bert_attention", "BERT-style attention: self.query / key / value and output.dense")
 def bert_attention(name: str, module: nn.Module) -> UnitGroup | None:
     q, k, v, o = (_layer(module, p) for p in ("self.query", "self.key", "self.value", "output.dense"))
-    head_dim = getattr(getattr(module, "self", None), "attention_head_size", None)
-    if None in (q, k, v, o) or not isinstance(head_dim, int):
+    if None in (q, k, v, o):
         return None
+    head_dim = _head_dim(name, module.self, q, getattr(module.self, "attention_head_size", None))
     heads, _ = _heads(name, q, k, head_dim)
 
     def fixup(m: nn.Module, kept: list[int]) -> None:
@@ -159,9 +175,14 @@ def bert_attention(name: str, module: nn.Module) -> UnitGroup | None:
 @BLOCKS.register("fused_qkv_attention", "GPT-2-style attention: one c_attn producing q, k, v, and c_proj")
 def fused_qkv_attention(name: str, module: nn.Module) -> UnitGroup | None:
     qkv, o = _layer(module, "c_attn"), _layer(module, "c_proj")
-    head_dim, split = getattr(module, "head_dim", None), getattr(module, "split_size", None)
-    if None in (qkv, o) or not isinstance(head_dim, int) or not isinstance(split, int):
+    if None in (qkv, o):
         return None
+    head_dim, split = getattr(module, "head_dim", None), getattr(module, "split_size", None)
+    if not isinstance(head_dim, int) or not isinstance(split, int):
+        raise ConfigError(
+            f"{name} has c_attn / c_proj like GPT-2's attention but no int head_dim and split_size, so its "
+            "heads cannot be located; register a handler for its class with BLOCKS.register"
+        )
     if getattr(module, "is_cross_attention", False) or _outputs(qkv) != 3 * split or split % head_dim:
         raise ConfigError(f"{name}: c_attn is not three equal q, k, v blocks of whole heads; its heads cannot be removed")
     heads = split // head_dim
@@ -217,19 +238,22 @@ def find_unit_groups(model: nn.Module, exclude: Sequence[str] = (), kinds: Itera
     order; ``exclude`` holds glob patterns on group names (``"*.layers.0.*"``)."""
     model = unwrap_model(model)
     kinds = set(kinds)
-    groups = []
+    groups, recognised = [], set()
     for name, module in model.named_modules():
         for entry in BLOCKS:
             group = entry.obj(name, module)
             if group is not None:
+                recognised.add(group.kind)
                 if group.kind in kinds and not any(fnmatch.fnmatchcase(group.name, p) for p in exclude):
                     groups.append(group)
                 break
-    if not groups:
+    missing = sorted(kinds - recognised)
+    if missing:
+        what = {"heads": "attention", "mlp": "MLP"}
         raise ConfigError(
-            f"no attention or MLP block of {type(model).__name__} is recognised (handlers: "
-            f"{', '.join(BLOCKS.names())}); register one for its block type with "
-            "@secateurs.structured.blocks.BLOCKS.register(name)"
+            f"no {' or '.join(what[k] for k in missing)} block of {type(model).__name__} is recognised, so its "
+            f"{' and '.join(missing)} cannot be pruned (handlers: {', '.join(BLOCKS.names())}); register one for "
+            "its block type with @secateurs.structured.blocks.BLOCKS.register(name), or leave that kind out"
         )
     return groups
 

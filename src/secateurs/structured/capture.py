@@ -109,9 +109,15 @@ class _Recorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if self.depth or not _has_tensor(out):
+        if self.depth:
             return out
         name = getattr(func, "__name__", "")
+        if not _has_tensor(out):
+            if name == "__setitem__" or (name.endswith("_") and not name.endswith("__")):
+                # an in-place write that returns nothing (x[:, i] = y): the tracker cannot follow
+                # it, so record it as an opaque op, which freezes every channel it touches
+                self.graph.call_method(name, self.map(tuple(args)), self.map(kwargs))
+            return out
         is_method = getattr(torch.Tensor, name, None) is func or (
             getattr(func, "__objclass__", None) in (torch._C.TensorBase, torch.Tensor)
         )

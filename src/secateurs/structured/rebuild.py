@@ -140,7 +140,10 @@ def _shrink_params_(m: nn.Module, cuts: Mapping[str, list[int]]) -> nn.Module:
     """Slice a module's own per-channel parameters (roles ``param:<attr>:<dim>``) in place."""
     for role, keep in cuts.items():
         _, attr, dim = role.split(":")
-        setattr(m, attr, _param(getattr(m, attr), [(int(dim), keep)]))
+        if attr in m._buffers:  # a buffer stays a buffer
+            m._buffers[attr] = _take(m._buffers[attr], [(int(dim), keep)])
+        else:
+            setattr(m, attr, _param(getattr(m, attr), [(int(dim), keep)]))
     return m
 
 
