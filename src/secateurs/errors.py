@@ -34,3 +34,13 @@ class NonFiniteLossError(SecateursError, FloatingPointError):
 
 class GrowthError(SecateursError, RuntimeError):
     """Growing a layer changed what the network computes (it must not)."""
+
+
+class UsageWarning(UserWarning):
+    """An API call that runs but is almost certainly not what was meant (e.g. ``step()`` on a
+    sparsifier that has not pruned yet, so the model trains dense)."""
+
+
+class TrainingHealthError(SecateursError, RuntimeError):
+    """A training phase learned nothing: its loss never fell below chance, or its accuracy
+    ended no better than always predicting the most common class."""
