@@ -8,7 +8,8 @@ gradient). The model computes densely (PyTorch has no fast unstructured-sparse c
 ratio is pure bookkeeping overhead; the goal is <= 1.05x. Variants are interleaved in rounds
 of ``--steps`` steps and the median round is reported, so drifting load hits all alike.
 
-Run: ``python benchmarks/bench_dst.py [--quick] [--device cpu|cuda] [--out FILE]``
+Run: ``python benchmarks/bench_dst.py [--quick] [--device cpu|cuda] [--out FILE]``; nothing is written
+without ``--out``.
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=100, help="mask update interval (RigL's 100)")
     parser.add_argument("--quick", action="store_true", help="2 rounds of 20 steps, update every 10 (smoke run)")
     parser.add_argument("--update-only", action="store_true", help="only the per-update cost (fast)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results_dst.json"))
+    parser.add_argument("--out", type=Path, help="write the results as JSON to this file (default: print them, write nothing)")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.steps, args.every = 2, 20, 10
@@ -125,8 +126,10 @@ def main() -> None:
         "update_share_of_dense_steps": {n: ms / (args.every * 1000 * dense) for n, ms in update_ms.items()},
     }
     print(json.dumps(result, indent=2))
-    if not args.quick:
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

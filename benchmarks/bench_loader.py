@@ -4,10 +4,11 @@ Both produce shuffled, normalized float batches of 128 from the same 60k images;
 DataLoader gets a TensorDataset of pre-normalized floats (its best case with no workers).
 Rounds are interleaved; the median is reported.
 
-Run: ``python benchmarks/bench_loader.py``
+Run: ``python benchmarks/bench_loader.py [--out FILE]``; nothing is written without ``--out``.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -27,6 +28,9 @@ def epoch_seconds(loader) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, help="write the results as JSON to this file (default: print them, write nothing)")
+    args = parser.parse_args()
     ds = load_dataset("mnist")
     transform = BatchTransform(mean=ds.mean, std=ds.std)
     ours = InMemoryLoader(ds.train_images, ds.train_labels, 128, transform=transform, seed=0)
@@ -43,8 +47,10 @@ def main() -> None:
     lines += [f"| {k} | {v:.3f} | {v / base:.1f}x |" for k, v in median.items()]
     table = "\n".join(lines)
     print(table)
-    out = Path(__file__).with_name("results_loader.json")
-    out.write_text(json.dumps({"median_s": median, "markdown": table}, indent=2))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"median_s": median, "markdown": table}, indent=2) + "\n")
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

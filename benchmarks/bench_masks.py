@@ -7,7 +7,8 @@
 (b) One global magnitude prune to 90% of ResNet-50 (25.5M parameters, all conv/linear
     weights) vs. ``torch.nn.utils.prune.global_unstructured`` with ``L1Unstructured``.
 
-Run: ``python benchmarks/bench_masks.py [--quick] [--device cpu|cuda] [--out FILE]``
+Run: ``python benchmarks/bench_masks.py [--quick] [--device cpu|cuda] [--out FILE]``; nothing is written
+without ``--out``.
 """
 from __future__ import annotations
 
@@ -234,7 +235,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="few rounds (a smoke run, noisy)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results_masks.json"))
+    parser.add_argument("--out", type=Path, help="write the results as JSON to this file (default: print them, write nothing)")
     args = parser.parse_args()
     device = torch.device(args.device)
     rounds, steps = (3, 10) if args.quick else (25, 120)
@@ -259,8 +260,10 @@ def main() -> None:
     }
     table = markdown(results)
     print(table)
-    args.out.write_text(json.dumps({**results, "markdown": table}, indent=2))
-    print(f"\nwrote {args.out}")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({**results, "markdown": table}, indent=2) + "\n")
+        print(f"\nwrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ variant once (interleaved, so drifting clocks hit all alike) as a loop of ``iter
 between two CUDA events; the median round is reported, and ``speedup = dense / sparse``.
 The sparse outputs are checked against the dense ones (``max_rel_err``).
 
-Run: ``python benchmarks/bench_nm.py [--quick] [--dtype float16|bfloat16] [--out FILE]``.
+Run: ``python benchmarks/bench_nm.py [--quick] [--dtype float16|bfloat16] [--out FILE]``; nothing is
+written without ``--out``.
 On a machine without a suitable GPU it prints why and exits 0 without writing anything.
 Imports torch only, so it runs wherever torch does.
 """
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer token counts and rounds")
     parser.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results_nm.json"))
+    parser.add_argument("--out", type=Path, help="write the results as JSON to this file (default: print them, write nothing)")
     args = parser.parse_args(argv)
 
     problem = gpu_problem()
@@ -174,8 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.time() - started, 1),
         "rows": rows,
     }
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print(json.dumps(result, indent=2))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
     return 0
 
 

@@ -8,7 +8,7 @@ once), medians over rounds are reported, so drifting background load hits all va
 alike; the speed-up is printed next to the FLOP ratio it should ideally match.
 
 Run: ``nice -n 10 python benchmarks/bench_structured.py [--models resnet20,resnet56,vgg16,resnet50]
-[--rounds 7] [--out benchmarks/results_structured.json]``
+[--rounds 7] [--out FILE]``; nothing is written without ``--out``
 """
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="resnet20,resnet56,vgg16,resnet50")
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--out", default=str(Path(__file__).with_name("results_structured.json")))
+    parser.add_argument("--out", type=Path, help="write the results as JSON to this file (default: print them, write nothing)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     rows: list[dict] = []
@@ -144,8 +144,11 @@ def main() -> None:
         "torch": torch.__version__, "platform": platform.platform(), "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "rounds": args.rounds, "rows": rows,
     }
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(rows))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
