@@ -7,6 +7,12 @@ people actually feed and get back:
   (``model(**x)``, a Hugging Face batch);
 * **batches**: ``(inputs, targets)`` pairs, or a mapping whose ``"labels"`` entry holds the
   targets and whose other entries are the inputs (the Hugging Face convention);
+* **data arguments** (``batches=`` of SNIP, GraSP, SynFlow, CTRE, :class:`~secateurs.grow.Grower`,
+  :meth:`~secateurs.grow.GrowPrune.event`, ...): one convention, an iterable of such batches
+  (a list, an unshuffled ``DataLoader``); a zero-argument callable returning one is accepted
+  too. An object used over a whole run must be iterable more than once, so a one-shot
+  generator is refused there (:func:`batch_source`); a one-pass use takes anything
+  (:func:`batch_pass`);
 * **outputs**: a tensor, a tuple or list (the first element), or a mapping / ``ModelOutput``
   with ``logits`` (Hugging Face documents ``.logits`` as the prediction scores of every task
   head);
@@ -19,7 +25,7 @@ Nothing here imports ``transformers``: outputs are recognised by their ``logits`
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +33,10 @@ from torch import nn
 
 from .errors import ConfigError
 
-__all__ = ["split_batch", "call_model", "logits_of", "is_causal_lm", "task_loss", "first_tensor", "LossFn"]
+__all__ = [
+    "split_batch", "call_model", "logits_of", "is_causal_lm", "task_loss", "first_tensor", "LossFn",
+    "batch_source", "batch_pass", "model_failure",
+]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -48,6 +57,83 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
         f"a batch must be an (inputs, targets) pair or a mapping of model inputs with 'labels', "
         f"got {type(batch).__name__}{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''}"
     )
+
+
+def _not_one_batch(batches: Any, what: str) -> None:
+    """Refuse a single batch given where an iterable of batches is expected (iterating it
+    would yield its tensors, or a mapping's keys, one by one)."""
+    if isinstance(batches, Mapping) or (
+        isinstance(batches, (tuple, list)) and batches and isinstance(batches[0], torch.Tensor)
+    ):
+        raise ConfigError(
+            f"{what} looks like one batch ({type(batches).__name__} of "
+            f"{'tensors' if not isinstance(batches, Mapping) else 'model inputs'}), not an iterable of batches; "
+            f"wrap it in a list: {what}=[batch]"
+        )
+
+
+def _iterable_from(result: Any, what: str) -> Iterable:
+    _not_one_batch(result, what)
+    try:
+        iter(result)
+    except TypeError:
+        raise ConfigError(
+            f"{what} gave a {type(result).__name__}, not an iterable of (x, y) batches; pass a list of "
+            "batches or a DataLoader"
+        ) from None
+    return result
+
+
+def batch_source(batches: Any, what: str = "batches") -> Callable[[], Iterable] | None:
+    """The one form of a data argument used over a whole run: a zero-argument callable that
+    returns a fresh iterable of batches on every call (None stays None).
+
+    ``batches`` is an iterable that can be iterated again (a list, a ``DataLoader``: each
+    call iterates it afresh), or a zero-argument callable returning an iterable (e.g.
+    ``lambda: loader``). Methods draw batches as they need them and, on resume, draw the same
+    number again, so the data must come in the same order on every pass (an unshuffled
+    loader). A one-shot iterator (a generator, ``iter(loader)``, ``itertools.islice``) is
+    refused: it would be empty after its first pass and a resumed run could not replay it.
+    """
+    if batches is None:
+        return None
+    if not hasattr(batches, "__iter__") and callable(batches):
+        def fresh() -> Iterable:
+            return _iterable_from(batches(), f"{what}()")
+        return fresh
+    _iterable_from(batches, what)
+    if isinstance(batches, Iterator) or iter(batches) is batches:
+        raise ConfigError(
+            f"{what} is a one-shot iterator ({type(batches).__name__}): it is empty after one pass and a resumed "
+            f"run could not draw the same batches again; pass a list (e.g. {what}=list(itertools.islice(loader, n))), "
+            f"a DataLoader, or a zero-argument callable returning a fresh iterable ({what}=lambda: ...)"
+        )
+    return lambda: batches
+
+
+def batch_pass(batches: Any, what: str = "batches") -> Iterable | None:
+    """A data argument used for one pass (one event, one score): an iterable of batches (a
+    one-shot generator is fine here), or a zero-argument callable returning one, which is
+    called once. None stays None."""
+    if batches is None:
+        return None
+    if not hasattr(batches, "__iter__") and callable(batches):
+        return _iterable_from(batches(), f"{what}()")
+    return _iterable_from(batches, what)
+
+
+def model_failure(err: BaseException, limit: int = 300) -> str:
+    """One line naming what the model raised: the innermost cause of ``err`` (fx and
+    functional wrappers add layers of context around it), its first line, at most ``limit``
+    characters."""
+    seen = set()
+    while err.__cause__ is not None and id(err) not in seen:
+        seen.add(id(err))
+        err = err.__cause__
+    text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def call_model(model: nn.Module, inputs: Any, *, through: Callable | None = None) -> Any:

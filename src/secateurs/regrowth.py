@@ -85,8 +85,8 @@ class CosineRegrowth(RegrowthRule):
     def scores(self, ctx: GrowContext) -> dict[str, torch.Tensor]:
         if ctx.batch is None:
             raise ConfigError(
-                "cosine regrowth needs activations: give the sparsifier batches=<callable returning "
-                "an iterable of (x, y) batches>"
+                "cosine regrowth needs activations: give the sparsifier batches=<an iterable of (x, y) "
+                "batches, e.g. an unshuffled DataLoader>"
             )
         scores = regrow_by_cosine(ctx.model, ctx.weights, split_batch(ctx.batch)[0])
         if self.explore > 0:

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import CheckpointError, ConfigError
+from ..outputs import batch_source
 from .gradmax import GROWTH_INITS, ZERO_INCOMING, new_unit_weights
 from .widen import add_units, growth_site
 
@@ -49,8 +50,9 @@ class Grower:
         start, every, events: the first growth step, the steps between growth events, and
             their number; each event adds ``1/events`` of the missing units (rounded so the
             last event reaches the targets exactly).
-        batches: zero-argument callable returning ``(x, y)`` batches (GradMax measures its
-            gradient matrix on the first ``grad_batches`` of them).
+        batches: an iterable of ``(x, y)`` batches that can be iterated again, e.g. an
+            unshuffled ``DataLoader`` (a zero-argument callable returning one is accepted too);
+            GradMax measures its gradient matrix on the first ``grad_batches`` of each pass.
         scale: new vectors' norm as a multiple of the existing units' mean norm.
         bias: the bias of units grown with zero incoming weights (``gradmax``, ``zero``):
             positive so a ReLU starts in its linear part; the other inits use bias 0.
@@ -70,7 +72,7 @@ class Grower:
         start: int = 0,
         every: int = 1,
         events: int = 1,
-        batches: Optional[Callable[[], Iterable]] = None,
+        batches: Optional[Iterable | Callable[[], Iterable]] = None,
         grad_batches: int = 1,
         scale: float = 0.5,
         bias: float = 1e-3,
@@ -86,13 +88,15 @@ class Grower:
         if not scale > 0:
             raise ConfigError(f"Grower scale must be > 0, got {scale!r}")
         if (init.startswith("gradmax") or measure) and batches is None:
-            raise ConfigError("GradMax growth (and measure=True) needs batches=callable returning (x, y) batches")
+            raise ConfigError(
+                "GradMax growth (and measure=True) needs batches=<an iterable of (x, y) batches, e.g. a DataLoader>"
+            )
         if not targets:
             raise ConfigError("Grower needs at least one {layer: target width}")
         self.model, self.optimizer = model, optimizer
         self.example = example_input
         self.init, self.start, self.every, self.events = init, start, every, events
-        self.batches, self.grad_batches = batches, grad_batches
+        self.batches, self.grad_batches = batch_source(batches), grad_batches
         self.scale, self.bias, self.loss_fn, self.measure = scale, bias, loss_fn, measure
         self.generator = torch.Generator().manual_seed(seed)
         self.initial = widths(model, targets)

@@ -59,6 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import CheckpointError, ConfigError, GrowthError
+from ..outputs import batch_pass
 from ..structured.graph import build_graph
 from ..structured.rebuild import remove_units
 from .deepen import MLPLayout, insert_identity_layer, mlp_layout
@@ -205,7 +206,8 @@ def unit_usefulness(
     ``taylor``: mean over ``batches`` of ``|sum over the batch of a * dL/da|`` (``a``: the
     unit's post-ReLU output, as the next layer reads it), computed in eval mode with
     ``torch.autograd.grad`` so ``.grad`` fields are untouched. ``norm``: the product of the
-    unit's incoming and outgoing weight norms (raw; the search divides by the layer mean)."""
+    unit's incoming and outgoing weight norms (raw; the search divides by the layer mean).
+    ``batches``: an iterable of ``(x, y)`` batches (or a zero-argument callable returning one)."""
     layout = mlp_layout(model)
     if kind == "norm":
         with torch.no_grad():
@@ -215,6 +217,7 @@ def unit_usefulness(
             ]
     if kind != "taylor":
         raise ConfigError(f"unknown usefulness {kind!r}; known: {', '.join(USEFULNESS)}")
+    batches = batch_pass(batches)
     if batches is None:
         raise ConfigError("the taylor usefulness needs batches of (x, y) training data; or use usefulness='norm'")
     seen: dict[int, torch.Tensor] = {}
@@ -252,7 +255,7 @@ class GrowPrune:
     >>> search = GrowPrune(GrowPruneConfig(max_params=100_000), example_input=x[:1])
     >>> for cycle in range(cycles):
     ...     train(model, epochs=1)                       # any loop; rebuild its optimizer
-    ...     model, record = search.event(model, batches=first_batches())
+    ...     model, record = search.event(model, batches=loader)  # its first usefulness_batches
     """
 
     def __init__(
@@ -290,9 +293,12 @@ class GrowPrune:
         return layout
 
     def scores(self, model: nn.Module, batches: Optional[Iterable[Batch]] = None) -> list[torch.Tensor]:
-        """The usefulness the pruning step ranks by (``norm`` divided by each layer's mean)."""
+        """The usefulness the pruning step ranks by (``norm`` divided by each layer's mean).
+        ``batches``: an iterable of ``(x, y)`` batches (or a callable returning one); the
+        first ``usefulness_batches`` are read."""
         c = self.config
         if c.usefulness == "taylor":
+            batches = batch_pass(batches)
             if batches is None:
                 raise ConfigError("usefulness 'taylor' needs batches=(x, y) batches at every event; or use 'norm'")
             batches = (b for _, b in zip(range(c.usefulness_batches), batches))
@@ -303,6 +309,9 @@ class GrowPrune:
 
     def event(self, model: nn.Module, batches: Optional[Iterable[Batch]] = None) -> tuple[nn.Module, dict]:
         """Prune, maybe deepen, grow; returns ``(new model, record)``; ``model`` is untouched.
+        ``batches``: an iterable of ``(x, y)`` batches, e.g. a ``DataLoader`` (a zero-argument
+        callable returning one is accepted too); ``taylor`` usefulness reads its first
+        ``usefulness_batches``.
 
         The record holds the widths before and after, units pruned per layer (old layout),
         the deepening decision, units added per layer (new layout), depth and parameters."""

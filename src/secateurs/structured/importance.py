@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
-from ..outputs import call_model, split_batch, task_loss
+from ..outputs import batch_pass, call_model, split_batch, task_loss
 from ..registry import Registry
 from .graph import DependencyGraph, Group
 
@@ -99,7 +99,9 @@ def taylor_importance(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     order: int = 1,
 ) -> Scores:
-    """Taylor importance of each channel (Molchanov et al., 2019) over ``batches``.
+    """Taylor importance of each channel (Molchanov et al., 2019) over ``batches`` (an
+    iterable of ``(x, y)`` batches, all of which are read; a zero-argument callable returning
+    one is accepted too).
 
     With c_b = sum of g*w over the channel's parameters on batch b: ``order=1`` is their
     first-order criterion, the mean of c_b^2. ``order=2`` adds the second-order term of the
@@ -121,6 +123,9 @@ def taylor_importance(
             "taylor_importance: the dependency graph has no prunable channel group, so there is nothing "
             "to score; graph.frozen maps each group to the reason it may not be pruned"
         )
+    batches = batch_pass(batches, "taylor_importance batches")
+    if batches is None:
+        raise ConfigError("taylor_importance needs batches: an iterable of (x, y) batches, e.g. a few of a DataLoader")
     per_group = {g.name: _channel_params(model, g) for g in groups}
     params = list({id(p): p for pairs in per_group.values() for _, p in pairs}.values())
     sums = {g.name: torch.zeros(g.units, dtype=torch.float64) for g in groups}
