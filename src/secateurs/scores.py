@@ -14,9 +14,9 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .errors import ConfigError
+from .errors import ConfigError, SecateursError
 from .masks import unwrap_model
-from .outputs import LossFn, call_model, logits_of, split_batch, task_loss
+from .outputs import LossFn, call_model, logits_of, model_failure, split_batch, task_loss
 from .registry import Registry
 
 
@@ -263,7 +263,18 @@ def synflow(
             x = torch.zeros((1, *shape), dtype=torch.long, device=device)
         else:
             x = torch.ones((1, *shape), dtype=dtype, device=device)
-        r = logits_of(_forward(model, tensors, x)).sum()
+        try:
+            output = _forward(model, tensors, x)
+        except SecateursError:
+            raise
+        except Exception as err:
+            raise ConfigError(
+                f"synflow input_shape={shape} does not fit {type(model).__name__}: its all-ones input of shape "
+                f"{tuple(x.shape)} (a batch of one) failed in the model. Pass input_shape as the shape of one "
+                f"input without the batch dimension, e.g. (1, 28, 28) for MNIST images, (3, 32, 32) for CIFAR, "
+                f"(sequence_length,) for a token model. The model raised {model_failure(err)}"
+            ) from None
+        r = logits_of(output).sum()
         if not torch.isfinite(r):
             raise ConfigError(
                 f"synflow's path norm R overflowed {dtype} ({r.item()}); the network is too deep "

@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import ConfigError
 from ..layers import layer_type
-from ..outputs import call_model, logits_of
+from ..outputs import call_model, logits_of, model_failure
 
 __all__ = ["capture"]
 
@@ -146,6 +146,14 @@ def _constant(graph: fx.Graph, t: torch.Tensor, recorder: _Recorder) -> fx.Node:
     return node
 
 
+def input_shapes(inputs: Any) -> Any:
+    """The shape of a tensor input, or the shapes of the tensors in a tuple / mapping input."""
+    if isinstance(inputs, torch.Tensor):
+        return tuple(inputs.shape)
+    shapes = [tuple(t.shape) for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]
+    return shapes[0] if len(shapes) == 1 else shapes
+
+
 def capture(model: nn.Module, example_input: Any, exclude: Sequence[str] = (), known: tuple[type, ...] = ()) -> Captured:
     """Record ``model``'s forward on ``example_input`` (eval mode, no grad) as an fx graph."""
     graph = fx.Graph()
@@ -184,12 +192,13 @@ def capture(model: nn.Module, example_input: Any, exclude: Sequence[str] = (), k
     try:
         with torch.no_grad(), recorder:
             output = call_model(model, inputs)
+    except ConfigError:
+        raise
     except Exception as err:
-        shapes = [tuple(t.shape) for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]
         raise ConfigError(
-            f"{type(model).__name__} rejected the example input of shape(s) {shapes} while its graph was "
-            f"captured: {type(err).__name__}: {err}; pass an input the model accepts"
-        ) from err
+            f"example_input of shape {input_shapes(inputs)} does not fit {type(model).__name__}: pass a batch the "
+            f"model accepts (e.g. x[:1] of a training batch). The model raised {model_failure(err)}"
+        ) from None
     finally:
         for h in handles:
             h.remove()

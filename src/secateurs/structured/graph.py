@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import ConfigError
+from ..outputs import call_model, model_failure
 
 __all__ = ["Slice", "Group", "PadSite", "DependencyGraph", "build_graph", "build_groups", "trace"]
 
@@ -650,7 +651,7 @@ class _Tracker:
         return self.unknown(node, f"method .{name}()")
 
 
-def _propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
+def _propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor, model: nn.Module) -> None:
     """Shapes of every node from one no-grad, eval-mode pass (BN statistics untouched)."""
     modes = {m: m.training for m in gm.modules()}
     gm.eval()
@@ -658,13 +659,35 @@ def _propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
         with torch.no_grad():
             ShapeProp(gm).propagate(example_input)
     except Exception as err:
-        raise ConfigError(
-            f"running example_input of shape {tuple(example_input.shape)} through the traced model "
-            f"failed ({type(err).__name__}: {err}); pass an input the model accepts, e.g. 1x3x32x32"
-        ) from err
+        raise _input_error(model, example_input, err) from None
     finally:
         for m, mode in modes.items():
             m.training = mode
+
+
+def _input_error(model: nn.Module, example_input, err: BaseException) -> ConfigError:
+    """One line for a traced pass that failed: the example input does not fit the model (the
+    model itself rejects it: the usual case), or fx's trace of the model is at fault."""
+    from .capture import input_shapes
+
+    shape = input_shapes(example_input)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            call_model(model, example_input)
+    except Exception as plain:
+        return ConfigError(
+            f"example_input of shape {shape} does not fit {type(model).__name__}: pass a batch the model "
+            f"accepts (e.g. x[:1] of a training batch). The model raised {model_failure(plain)}"
+        )
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return ConfigError(
+        f"{type(model).__name__} runs on example_input of shape {shape} but its fx trace does not: "
+        f"{model_failure(err)}; pass exclude=['<module name>'] for the module whose code fx cannot follow"
+    )
 
 
 def _assemble(t: _Tracker) -> DependencyGraph:
@@ -757,7 +780,7 @@ def build_graph(
         gm = capture(model, example_input, exclude, known=_KNOWN_MODULES)
         how = "run"
     else:
-        _propagate_shapes(gm, example_input)
+        _propagate_shapes(gm, example_input, model)
         how = "fx"
     tracker = _Tracker(gm, exclude)
     tracker.run()
