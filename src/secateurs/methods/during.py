@@ -11,10 +11,12 @@ Each method is a recipe over the shared parts (score, allocation, schedules, reg
 | CTRE   | random ERK           | constant              | magnitude | cosine (+ random) | constant zeta every epoch |
 
 Durations (``start``, ``end``, ``every``) read as steps (``1000`` / ``"1000it"``), epochs
-(``"2ep"``, needs ``steps_per_epoch``) or shares of training (``"75%"``).
+(``"2ep"``, needs ``steps_per_epoch``) or shares of training (``"75%"``); a point past
+``total_steps`` is refused.
 """
 from __future__ import annotations
 
+from ..errors import ConfigError
 from ..regrowth import CosineRegrowth, GradientRegrowth, RandomRegrowth
 from ..schedules import Constant, CosineDropFraction, Cubic, parse_duration
 from ..scores import magnitude
@@ -28,11 +30,19 @@ class _DuringTraining(Sparsifier):
     timing = "during"
 
     def _steps(self, value, what: str) -> int:
-        return parse_duration(value, what=what, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch)
+        """Steps of a schedule point (``start`` / ``end`` / ``every``); a point past the end
+        of training is refused: the schedule would never reach it (the target sparsity or the
+        last swap would silently not happen)."""
+        steps = parse_duration(value, what=what, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch)
+        if steps > self.total_steps and what != "every":  # (the schedules bound every by end - start)
+            raise ConfigError(
+                f"{type(self).__name__} {what}={value!r} is step {steps}, past the end of training "
+                f"(total_steps={self.total_steps}), so the schedule would never get there; use a step "
+                f"<= {self.total_steps} or a share of training such as '75%'"
+            )
+        return steps
 
     def _length(self, total_steps: int, steps_per_epoch: int | None) -> None:
-        from ..errors import ConfigError
-
         if not isinstance(total_steps, int) or total_steps < 1:
             raise ConfigError(f"total_steps must be the number of training steps (>= 1), got {total_steps!r}")
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
@@ -110,8 +120,6 @@ class GraNet(_DuringTraining):
     def __init__(self, model, optimizer=None, *, sparsity: float, total_steps: int, steps_per_epoch: int | None = None,
                  initial_sparsity: float = 0.0, initial_scope: str = "erk", start="0it", end="50%", every=100,
                  drop_fraction: float = 0.5, drop_fraction_min: float = 0.005, scope: str = "global", **kwargs):
-        from ..errors import ConfigError
-
         self._length(total_steps, steps_per_epoch)
         if initial_sparsity >= sparsity:
             raise ConfigError(f"GraNet initial_sparsity {initial_sparsity} must be below the final sparsity {sparsity}")
@@ -133,7 +141,8 @@ class CTRE(_DuringTraining):
     connections between units whose activations have the largest |cosine similarity| on a
     batch, and an ``explore`` share at random (topology exploration). Drops ``zeta`` = 0.2
     of each layer's smallest weights every epoch (``every="1ep"``) until the end. Needs
-    ``batches`` (one batch per update) but no dense gradient."""
+    ``batches`` (an iterable of ``(x, y)`` batches, e.g. an unshuffled ``DataLoader``; one
+    batch per update) but no dense gradient."""
 
     def __init__(self, model, optimizer=None, *, sparsity: float, total_steps: int, steps_per_epoch: int | None = None,
                  drop_fraction: float = 0.2, drop_fraction_min: float | None = None, every="1ep", end="100%",
