@@ -138,10 +138,10 @@ def test_sparsifier_general_nm_exclude_keep_dense_and_errors():
         s = NMSparsifier(model, n=2, m=4)  # the misfit stays dense, as NVIDIA's ASP does
     s.prune()
     assert s.left_dense == ["0.weight"] and s.masks["0.weight"].all() and check_nm(s.masks["2.weight"], 2, 4)
-    s = NMSparsifier(model, exclude=["0.weight"], n=1, m=4)
+    s = NMSparsifier(model, exclude=["0.weight"], n=1, m=4, takeover=True)  # replaces the first on this model
     s.prune()
     assert s.masks.names() == ["2.weight"] and s.sparsity == 0.75
-    s = NMSparsifier(model, keep_dense=["0.weight"], n=2, m=8)
+    s = NMSparsifier(model, keep_dense=["0.weight"], n=2, m=8, takeover=True)
     s.prune(0.75)
     layers = s.stats()["layers"]
     assert layers["0.weight"]["sparsity"] == 0.0 and layers["2.weight"]["sparsity"] == 0.75

@@ -403,6 +403,15 @@ class Masks:
 
     def load_state_dict(self, state: Mapping) -> None:
         """Load masks saved by :meth:`state_dict`; refuses masks of another model."""
+        self.check_state(state)
+        saved = state["masks"]
+        for name in self.masks:
+            self.masks[name] = saved[name].to(device=self.params[name].device, dtype=torch.bool)
+        self._rebuild()
+
+    def check_state(self, state: Mapping) -> None:
+        """Raise :class:`CheckpointError` unless ``state`` holds masks of exactly these
+        parameters and shapes (changes nothing)."""
         if not isinstance(state, Mapping) or state.get("format") != _STATE_FORMAT:
             raise CheckpointError("not a secateurs mask state (missing or unknown 'format' tag)")
         saved = state["masks"]
@@ -423,6 +432,3 @@ class Masks:
                 f"these masks belong to a different model ({details}); "
                 "load them into the model they were saved from"
             )
-        for name in self.masks:
-            self.masks[name] = saved[name].to(device=self.params[name].device, dtype=torch.bool)
-        self._rebuild()

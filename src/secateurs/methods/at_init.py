@@ -40,6 +40,7 @@ class _AtInit(Sparsifier):
     check, and leaves model and masks untouched if anything raises."""
 
     timing = "init"
+    _plan_fields = ("sanity_check",)
 
     def __init__(self, model, optimizer=None, *, score, scope: str = "global", sanity_check: str | None = None,
                  reinit_from: str | Callable = "reset_parameters", **kwargs):
@@ -57,6 +58,7 @@ class _AtInit(Sparsifier):
     def prune(self, sparsity: float | None = None) -> dict:
         """Prune the network at its current (initial) weights to ``sparsity`` and return the
         mask stats. On any error the weights, masks, generator and history are restored."""
+        self._refuse_if_closed("prune()")
         target = self.target if sparsity is None else sparsity
         if target is None:
             raise ConfigError(f"no sparsity given: pass prune(sparsity=...) or {type(self).__name__}(sparsity=...)")
@@ -104,7 +106,10 @@ def _check_count(value, what: str) -> int:
 @METHODS.register("snip", "prune at init by connection sensitivity |g*w| on a batch (Lee et al. 2019)")
 class SNIP(_AtInit):
     """SNIP (Lee et al. 2019): keep the connections with the largest ``|g ⊙ w|`` on
-    ``num_batches`` batches (the paper: one batch), one shot, one global threshold."""
+    ``num_batches`` batches (the paper: one batch), one shot, one global threshold.
+    ``batches``: an iterable of ``(x, y)`` batches, e.g. ``SNIP(model, batches=loader)``."""
+
+    _plan_fields = ("num_batches",)
 
     def __init__(self, model, optimizer=None, *, num_batches: int = 1,
                  loss_fn: Callable | None = None, scope: str = "global", **kwargs):
@@ -121,7 +126,10 @@ class SNIP(_AtInit):
 class GraSP(_AtInit):
     """GraSP (Wang et al. 2020): remove the weights whose removal reduces the gradient norm
     least, i.e. keep the highest ``θ ⊙ Hg`` (see :func:`secateurs.scores.grasp` for the sign),
-    on ``num_batches`` batches, with the reference code's logit ``temperature`` = 200."""
+    on ``num_batches`` batches, with the reference code's logit ``temperature`` = 200.
+    ``batches``: an iterable of ``(x, y)`` batches, e.g. ``GraSP(model, batches=loader)``."""
+
+    _plan_fields = ("num_batches", "temperature")
 
     def __init__(self, model, optimizer=None, *, num_batches: int = 1, temperature: float = 200.0,
                  loss_fn: Callable | None = None, scope: str = "global", **kwargs):
@@ -157,6 +165,8 @@ class SynFlow(_AtInit):
     ranking, so float64 path norms of deep networks do not overflow it.
     """
 
+    _plan_fields = ("rounds",)
+
     def __init__(self, model, optimizer=None, *, rounds: int = 100, input_shape: Sequence[int] | None = None,
                  tokens: bool | None = None, scope: str = "global", **kwargs):
         self.rounds = _check_count(rounds, "synflow rounds")
@@ -177,8 +187,8 @@ class SynFlow(_AtInit):
             if self.batches is None:
                 raise ConfigError(
                     "SynFlow is data-free but needs the model's input shape for its all-ones input: pass "
-                    "input_shape=(C, H, W) (without the batch dimension), or batches=<callable returning "
-                    "(x, y) batches> to read the shape from one batch"
+                    "input_shape=(C, H, W) (without the batch dimension), or batches=<an iterable of "
+                    "(x, y) batches, e.g. a DataLoader> to read the shape from one batch"
                 )
             x, _ = split_batch(self._next_batch())
             self.input_shape = tuple(int(s) for s in first_tensor(x).shape[1:])

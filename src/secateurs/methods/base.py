@@ -7,34 +7,92 @@ schedule says so. A user adds one call, ``sparsifier.step()``, right after ``opt
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
-from typing import Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
+import gc
+import warnings
+import weakref
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ..allocation import SCOPES, allocate, check_sparsity, keep_count
 from ..engine import drop_and_grow, prune
-from ..errors import CheckpointError, ConfigError, SparsityMismatchError, UnknownNameError
+from ..errors import (
+    CheckpointError, ConfigError, SecateursError, SparsityMismatchError, UnknownNameError, UsageWarning,
+)
 from ..masks import DEFAULT_PRUNABLE_TYPES, Masks
+from ..outputs import batch_source
 from ..regrowth import GrowContext, RegrowthRule, regrow_by_gradient
 from ..schedules import CosineDropFraction, Schedule
 from ..scores import random as random_score
 
 _STATE_FORMAT = "secateurs.sparsifier/1"
-Batches = Callable[[], Iterable]
+#: an iterable of ``(x, y)`` batches that can be iterated again (or a callable returning one)
+Batches = Iterable | Callable[[], Iterable]
 
 ScoreFn = Callable[[Mapping[str, torch.Tensor], torch.Generator], dict]
 
+#: which live sparsifier manages each parameter: ``id(param) -> (ref(param), ref(sparsifier))``.
+#: Weak both ways, so a garbage-collected sparsifier or model blocks nothing; not an attribute
+#: on the parameter, so pickling / deep-copying a model carries no trace of it.
+_OWNERS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
-class Sparsifier:
+
+def _owner_of(p: torch.Tensor) -> "Sparsifier | None":
+    entry = _OWNERS.get(id(p))
+    if entry is None:
+        return None
+    owner = entry[1]()
+    if entry[0]() is not p or owner is None or owner._closed:
+        return None
+    return owner
+
+
+def _spec(value: Any) -> Any:
+    """A comparable, printable description of a plan entry (a schedule, a rule, a score)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (tuple, list)):  # lists: a plan survives a JSON round trip unchanged
+        return [_spec(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _spec(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return repr(value)
+    if callable(value):
+        return getattr(value, "__qualname__", type(value).__qualname__)
+    return type(value).__qualname__
+
+
+def _render(plan: Mapping[str, Any]) -> str:
+    fields = ", ".join(f"{k}={v!r}" for k, v in plan.items() if k != "method" and v not in (None, {}, (), []))
+    return f"{plan.get('method', '?')}({fields})"
+
+
+class _Managed(type):
+    """Metaclass of :class:`Sparsifier`: a sparsifier claims its parameters once its whole
+    constructor (subclass included) has succeeded, so a constructor that raises claims nothing."""
+
+    def __call__(cls, *args, **kwargs):
+        obj = super().__call__(*args, **kwargs)
+        obj._claim()
+        return obj
+
+
+class Sparsifier(metaclass=_Managed):
     """Prunes ``model`` by ``score`` with a layer ``scope``, now (:meth:`prune`) or on a
     ``schedule`` (:meth:`step`), optionally swaps connections by a ``regrowth`` rule, and keeps
     pruned weights and their optimizer state at zero.
 
     Args:
-        model: any ``nn.Module`` (DDP / compiled wrappers are unwrapped).
-        optimizer: any ``torch.optim`` optimizer, or None; its per-weight state is masked.
+        model: any ``nn.Module`` (DDP / compiled wrappers are unwrapped). One sparsifier
+            manages a parameter at a time: a second one on the same parameters is refused
+            unless ``takeover=True`` (or the first one was closed with :meth:`close`).
+        optimizer: the ``torch.optim`` optimizer that trains the model, or None (pruning
+            only, or a loop that masks optimizer state itself); its per-weight state is
+            masked. It must hold every prunable parameter that requires grad (checked here
+            and when ``sparsifier.optimizer`` is assigned).
         score: ``score(weights, generator) -> {name: tensor}``; higher = keep. Also the drop
             score of a swap.
         sparsity: target used by :meth:`prune` when called without an argument.
@@ -49,14 +107,23 @@ class Sparsifier:
             allocation (sparse-from-scratch training: SET, RigL, GraNet s_i > 0).
         regrowth / swap_schedule: a :class:`~secateurs.regrowth.RegrowthRule` and when / how
             much to swap (dynamic sparse training).
-        batches: zero-argument callable returning an iterable of ``(x, y)`` batches, for rules
-            and scores that need data; it must yield the same sequence on every call (e.g. an
-            unshuffled loader) so that a resumed run draws the same batches.
+        batches: for rules and scores that need data: an iterable of ``(x, y)`` batches that
+            can be iterated again, e.g. an unshuffled ``DataLoader`` or a list (a zero-argument
+            callable returning one is accepted too; see :func:`secateurs.outputs.batch_source`).
+            It must yield the same sequence on every pass so that a resumed run draws the same
+            batches.
+        takeover: manage parameters another live sparsifier manages: that one is closed
+            (see :meth:`close`) once this one is built.
     """
 
     #: when the method prunes relative to training: "after" (prune a trained network, then
     #: fine-tune), "init" (prune before training) or "during" (its schedule runs in training)
     timing: ClassVar[str] = "after"
+    #: without a schedule, the masks stay dense until :meth:`prune`, so :meth:`step` before it
+    #: warns once (False for methods whose dense phase is by design, e.g. IMP's round 0)
+    warn_dense_step: ClassVar[bool] = True
+    #: attributes of a subclass that belong to its plan (checked by :meth:`load_state_dict`)
+    _plan_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -79,6 +146,7 @@ class Sparsifier:
         regrowth: RegrowthRule | None = None,
         swap_schedule: CosineDropFraction | None = None,
         batches: Batches | None = None,
+        takeover: bool = False,
     ):
         if sparsity is not None:
             check_sparsity(sparsity)
@@ -88,9 +156,12 @@ class Sparsifier:
                 raise UnknownNameError(f"unknown {what} {value!r}; known scopes: {', '.join(SCOPES)}")
         if (regrowth is None) != (swap_schedule is None):
             raise ConfigError("regrowth and swap_schedule go together: give both (dynamic sparse training) or neither")
+        batches = batch_source(batches)
         self.model = model
         self.masks = Masks(model, include, exclude, types)
-        self.optimizer = optimizer
+        self._closed = False
+        self._taken_from = self._check_owners(takeover)
+        self.optimizer = optimizer  # checked: it must hold the prunable parameters
         self.score = score
         self.target = sparsity
         self.scope = scope
@@ -105,8 +176,137 @@ class Sparsifier:
         self.history: list[dict] = []
         self._batch_iter: Iterator | None = None
         self._batches_used = 0
+        self._initial = (initial_sparsity, initial_scope) if initial_sparsity > 0 else None
+        # the one flag step() reads: True while step() has something to check (closed, or
+        # the dense-before-prune warning still pending)
+        self._step_check = self.warn_dense_step and schedule is None and swap_schedule is None
         if initial_sparsity > 0:
             self._prune(initial_sparsity, random_score, initial_scope, kind="init")
+
+    # -- guards ----------------------------------------------------------------------------
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        return self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        if optimizer is not None:
+            groups = getattr(optimizer, "param_groups", None)
+            if groups is None or not hasattr(optimizer, "state"):
+                raise ConfigError(
+                    f"optimizer must be a torch.optim optimizer (with param_groups and state), got "
+                    f"{type(optimizer).__name__}; pass the optimizer that trains the model, or None"
+                )
+            held = {id(p) for group in groups for p in group["params"]}
+            missing = [n for n, p in self.masks.params.items() if p.requires_grad and id(p) not in held]
+            if missing:
+                total = len(self.masks.params)
+                raise ConfigError(
+                    f"the optimizer does not hold {len(missing)} of the {total} prunable parameters of "
+                    f"{type(self.model).__name__} ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}), "
+                    "so they would never train; was it built over another model's parameters? Build it from this "
+                    "model (e.g. torch.optim.SGD(model.parameters(), lr=...)), or leave those parameters out "
+                    "with exclude=[...] (or freeze them with requires_grad_(False))"
+                )
+        self._optimizer = optimizer
+
+    def _check_owners(self, takeover: bool) -> list["Sparsifier"]:
+        """The live sparsifiers that manage some of these parameters; raises unless
+        ``takeover``. Runs before this constructor changes any weight."""
+        def held() -> dict[int, tuple[Sparsifier, list[str]]]:
+            found: dict[int, tuple[Sparsifier, list[str]]] = {}
+            for name, p in self.masks.params.items():
+                owner = _owner_of(p)
+                if owner is not None and owner is not self:
+                    found.setdefault(id(owner), (owner, []))[1].append(name)
+            return found
+
+        if held():  # (the dict it returns, holding the owners, is gone before the collection)
+            gc.collect()  # a sparsifier in a reference cycle may be garbage not yet collected
+        found = held()
+        if found and not takeover:
+            owner, names = next(iter(found.values()))
+            raise ConfigError(
+                f"{len(names)} of the {len(self.masks)} prunable parameters of {type(self.model).__name__} "
+                f"({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}) are already managed by "
+                f"{owner.describe()}, built earlier on this model; two sparsifiers on one model overwrite each "
+                f"other's masks. Keep using that one, call its close() first, or pass takeover=True to "
+                f"{type(self).__name__}(...) to close it and manage them with this one"
+            )
+        return [owner for owner, _ in found.values()]
+
+    def _claim(self) -> None:
+        """Record this sparsifier as the manager of its parameters (called once the whole
+        constructor has succeeded); a takeover closes the previous managers now."""
+        for owner in self._taken_from:
+            owner.close()
+        self._taken_from = []
+        for key in [k for k, (p, s) in _OWNERS.items() if p() is None or s() is None]:
+            del _OWNERS[key]
+        me = weakref.ref(self)
+        for p in self.masks.params.values():
+            _OWNERS[id(p)] = (weakref.ref(p), me)
+
+    def close(self) -> None:
+        """Stop managing the model's parameters: the weights keep their current (pruned)
+        values, another sparsifier may be built on them, and this one's :meth:`step` and
+        :meth:`prune` raise from now on."""
+        if self._closed:
+            return
+        self._closed = True
+        self._step_check = True
+        for p in self.masks.params.values():
+            entry = _OWNERS.get(id(p))
+            if entry is not None and entry[1]() is self:
+                del _OWNERS[id(p)]
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _refuse_if_closed(self, call: str) -> None:
+        if self._closed:
+            raise SecateursError(
+                f"{call} on a closed {type(self).__name__}: it no longer manages the model (closed, or taken over "
+                "by another sparsifier); call it on the sparsifier that manages the model now"
+            )
+
+    def _check_step(self) -> None:
+        """The rare part of :meth:`step`, reached only while ``_step_check`` is set."""
+        self._refuse_if_closed("step()")
+        if not self.history:
+            warnings.warn(
+                f"{type(self).__name__}.step() before any pruning: without a schedule this sparsifier prunes only "
+                "when prune() is called, so until then the model trains dense. Call prune() first (at-init methods: "
+                "before training; magnitude: after training, then fine-tune), or give it a schedule",
+                UsageWarning, stacklevel=3,
+            )
+        self._step_check = False
+
+    def plan(self) -> dict[str, Any]:
+        """What this sparsifier was built to do (method, sparsity, scope, schedules, rules,
+        layer selection); saved in :meth:`state_dict` so a checkpoint of another plan is
+        refused on load."""
+        plan: dict[str, Any] = {
+            "method": type(self).__name__,
+            "score": _spec(self.score) if type(self) is Sparsifier else None,
+            "sparsity": self.target,
+            "scope": self.scope,
+            "schedule": _spec(self.schedule),
+            "regrowth": _spec(self.regrowth),
+            "swap_schedule": _spec(self.swap_schedule),
+            "initial": _spec(self._initial),
+            "fixed_sparsity": _spec(self.fixed_sparsity),
+            "allow_layer_collapse": self.allow_layer_collapse or None,
+        }
+        for cls in reversed(type(self).__mro__):
+            for name in cls.__dict__.get("_plan_fields", ()):
+                plan[name] = _spec(getattr(self, name, None))
+        return plan
+
+    def describe(self) -> str:
+        """One line: the method and its plan, e.g. ``Magnitude(sparsity=0.9, scope='global')``."""
+        return _render(self.plan())
 
     def _resolve_fixed(self, keep_dense: Sequence[str], overrides: Mapping[str, float]) -> dict[str, float]:
         names = self.masks.names()
@@ -126,6 +326,7 @@ class Sparsifier:
     @torch.no_grad()
     def prune(self, sparsity: float | None = None) -> dict:
         """Prune now to ``sparsity`` (default: the constructor's) and return the mask stats."""
+        self._refuse_if_closed("prune()")
         target = self.target if sparsity is None else sparsity
         if target is None:
             raise ConfigError("no sparsity given: pass prune(sparsity=...) or Sparsifier(sparsity=...)")
@@ -135,7 +336,10 @@ class Sparsifier:
 
     def step(self) -> None:
         """Call after every ``optimizer.step()``: re-zero pruned weights / state, and prune or
-        swap connections when the schedules say so."""
+        swap connections when the schedules say so. Warns once (:class:`UsageWarning`) if
+        called before a sparsifier without schedule has pruned: the model would stay dense."""
+        if self._step_check:
+            self._check_step()
         self.steps += 1
         t = self.steps
         prune_now = self.schedule is not None and self.schedule.updates_at(t)
@@ -221,11 +425,13 @@ class Sparsifier:
             "density": {n: 1.0 - v["sparsity"] for n, v in stats["layers"].items()},
             "dense_gradient": False, **extra,
         })
+        self._step_check = self._closed
 
     def _next_batch(self) -> tuple:
         if self.batches is None:
             raise ConfigError(
-                f"{type(self).__name__} needs data: pass batches=<callable returning an iterable of (x, y)>"
+                f"{type(self).__name__} needs data: pass batches=<an iterable of (x, y) batches, e.g. an "
+                "unshuffled DataLoader>"
             )
         for _ in range(2):
             if self._batch_iter is None:
@@ -236,7 +442,7 @@ class Sparsifier:
                 return batch
             except StopIteration:
                 self._batch_iter = None
-        raise ConfigError("the batches callable returned an empty iterable; it must yield (x, y) batches")
+        raise ConfigError("batches gave an empty iterable; it must yield (x, y) batches")
 
     # -- reporting -------------------------------------------------------------------------
     @property
@@ -255,17 +461,39 @@ class Sparsifier:
             "generator": self.generator.get_state(),
             "history": list(self.history),
             "batches_used": self._batches_used,
+            "plan": self.plan(),
         }
 
     def load_state_dict(self, state: Mapping) -> None:
+        """Resume from :meth:`state_dict`; refuses the state of another model, and of a
+        sparsifier built for another plan (method, sparsity, scope, schedules, ...), showing
+        both. (States saved before plans were recorded load without the plan check.)"""
         if not isinstance(state, Mapping) or state.get("format") != _STATE_FORMAT:
             raise CheckpointError("not a secateurs sparsifier state (missing or unknown 'format' tag)")
+        self.masks.check_state(state["masks"])  # another model: the more basic mismatch, reported first
+        self._check_plan(state.get("plan"))
         self.masks.load_state_dict(state["masks"])
         self.steps = int(state["steps"])
         self.generator.set_state(state["generator"])
         self.history = list(state["history"])
         self._fast_forward(int(state.get("batches_used", 0)))
         self.masks.apply_()
+        self._step_check = self._closed or (self._step_check and not self.history)
+
+    def _check_plan(self, saved: Mapping | None) -> None:
+        if saved is None:
+            return
+        mine = self.plan()
+        if dict(saved) == mine:
+            return
+        keys = list(dict.fromkeys([*mine, *saved]))
+        differ = [k for k in keys if saved.get(k) != mine.get(k)]
+        shown = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, this sparsifier {mine.get(k)!r}" for k in differ[:4])
+        raise CheckpointError(
+            f"this state was saved by a sparsifier with another plan ({shown}). The checkpoint is for "
+            f"{_render(saved)}; this sparsifier is {_render(mine)}. Build the sparsifier with the checkpoint's "
+            "settings to resume it, or start a new run"
+        )
 
     def _fast_forward(self, used: int) -> None:
         """Draw the batches an interrupted run had drawn, so the next one is the same."""

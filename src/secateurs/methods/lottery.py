@@ -56,10 +56,12 @@ class LotteryTicket(Sparsifier):
         init: how kept weights are initialised after a rewind (:data:`KEPT_INITS`).
         reset_optimizer: clear the optimizer's state (momentum, Adam moments) at each new
             round, so every round starts like a fresh training run (as open_lth does).
-        include / exclude / seed: as for :class:`~secateurs.methods.Sparsifier`.
+        include / exclude / seed / takeover: as for :class:`~secateurs.methods.Sparsifier`.
     """
 
     timing = "after"
+    warn_dense_step = False  # round 0 trains dense by design
+    _plan_fields = ("rates", "imp_scope", "criterion", "rewind_step", "reset", "init")
 
     def __init__(
         self,
@@ -78,6 +80,7 @@ class LotteryTicket(Sparsifier):
         include: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
         seed: int = 0,
+        takeover: bool = False,
     ):
         if scope not in SCOPES:
             raise UnknownNameError(f"unknown IMP scope {scope!r}; known scopes: {', '.join(SCOPES)}")
@@ -93,7 +96,8 @@ class LotteryTicket(Sparsifier):
                 "layer_rates do not apply; use scope='layerwise' for per-layer rates, or exclude layers instead"
             )
         # prune() (one-shot, outside the rounds) ranks by magnitude = large_final
-        super().__init__(model, optimizer, score=magnitude, include=include, exclude=exclude, seed=seed)
+        super().__init__(model, optimizer, score=magnitude, include=include, exclude=exclude, seed=seed,
+                         takeover=takeover)
         self.rate = rate
         self.rates = resolve_layer_rates(self.masks.names(), rate, output_rate, layer_rates)
         self.imp_scope = scope
@@ -121,6 +125,7 @@ class LotteryTicket(Sparsifier):
     def next_round(self) -> dict:
         """Prune one round by the criterion, reset the weights per ``reset`` / ``init`` and
         return the mask stats. Call it after a round's training."""
+        self._refuse_if_closed("next_round()")
         initial = self._rewind_weights()
         score = make_score(self.criterion, initial)
         scores = score(self.masks.weights(), self.generator)

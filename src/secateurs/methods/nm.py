@@ -44,6 +44,7 @@ class NMSparsifier(Sparsifier):
     """
 
     timing = "after"
+    _plan_fields = ("n", "m", "recompute_every")
 
     def __init__(
         self,
@@ -124,6 +125,7 @@ class NMSparsifier(Sparsifier):
         """Set N:M masks by the score (magnitude) on the covered layers and return the mask
         stats. ``sparsity``, if given, must be ``1 - n/m``. Already pruned weights are chosen
         last: only a group left with fewer than ``n`` active weights takes back zeroed ones."""
+        self._refuse_if_closed("prune()")
         self._check_sparsity(sparsity, self.target, self.n, self.m)
         self._set_masks("prune", prefer_active=True)
         return self.masks.stats()
@@ -131,6 +133,8 @@ class NMSparsifier(Sparsifier):
     def step(self) -> None:
         """Call after every ``optimizer.step()``: re-zero pruned weights and state, and every
         ``recompute_every`` steps (once pruned) re-select the N:M masks first."""
+        if self._step_check:
+            self._check_step()
         upcoming = self.steps + 1
         if self.recompute_every and self._nm_set and upcoming % self.recompute_every == 0:
             self.steps = upcoming
