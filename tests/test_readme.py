@@ -24,6 +24,7 @@ README exactly.
 """
 from __future__ import annotations
 
+import json
 import linecache
 import re
 import shlex
@@ -293,3 +294,290 @@ def test_imports_named_in_the_prose_work():
     assert imports, "the README names at least criterion_masks' module"
     for statement in imports:
         exec(statement, {})
+
+
+# --- command lines of the ```bash blocks ---------------------------------------------------
+
+COMMANDS_IN_README = command_lines(BLOCKS)
+# the run directory the README's --resume / report lines name (test_the_run_directory_... checks it)
+DEMO_DIR = (re.search(r"secateurs train --resume (runs/\S+)", TEXT) or [None, "runs/?"])[1]
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    path.write_bytes(struct.pack(">I", 0x0800 | array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+                     + array.tobytes())
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """name -> a directory of the four IDX files holding the first 2048 training and 512 test
+    images of that dataset (None when the dataset is not installed)."""
+    from secateurs.data import load_dataset
+
+    roots = {}
+    for name in ("mnist", "fashion-mnist"):
+        if name == "fashion-mnist" and not FASHION.is_dir():
+            roots[name] = None
+            continue
+        ds = load_dataset(name)
+        root = tmp_path_factory.mktemp(name)
+        write_idx(root / "train-images-idx3-ubyte", ds.train_images[:2048, 0].numpy())
+        write_idx(root / "train-labels-idx1-ubyte", ds.train_labels[:2048].numpy())
+        write_idx(root / "t10k-images-idx3-ubyte", ds.test_images[:512, 0].numpy())
+        write_idx(root / "t10k-labels-idx1-ubyte", ds.test_labels[:512].numpy())
+        roots[name] = root
+    return roots
+
+
+class Cli:
+    """Runs one README command in-process, in tmp, with its overrides."""
+
+    def __init__(self, tmp: Path, tiny: dict, capsys):
+        self.tmp, self.runs, self.tiny, self.capsys = tmp, tmp / "runs", tiny, capsys
+
+    def data(self, name: str) -> str:
+        root = self.tiny[name]
+        if root is None:
+            pytest.skip(f"{name} is not installed: sudo apt-get install dataset-fashion-mnist")
+        return str(root)
+
+    def config(self, name: str, edits: dict) -> str:
+        """A copy of configs/NAME in tmp with dotted keys replaced (for commands without --set)."""
+        from secateurs.experiments.config import apply_overrides
+
+        data = yaml.safe_load((REPO / "configs" / name).read_text())
+        path = self.tmp / name
+        path.write_text(yaml.safe_dump(apply_overrides(data, edits)))
+        return str(path)
+
+    def __call__(self, command: str, *extra: str, replace: dict | None = None) -> str:
+        from secateurs.cli import main
+
+        for old, new in (replace or {}).items():
+            assert old in command, f"{old!r} is not in the README line {command!r}"
+            command = command.replace(old, new)
+        argv = [a.replace("configs/", f"{REPO}/configs/", 1) if a.startswith("configs/") else a
+                for a in shlex.split(command)[1:]] + list(extra)
+        self.capsys.readouterr()
+        code = main(argv)
+        out, err = self.capsys.readouterr()
+        assert code == 0, f"{command} {' '.join(extra)} exited {code}: {err}"
+        return out
+
+
+@pytest.fixture
+def cli(tmp_path, tiny, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing a command writes by a relative path lands in the repo
+    return Cli(tmp_path, tiny, capsys)
+
+
+QUIET = ["--no-progress"]
+
+
+def run_demo(cli: Cli, command: str) -> Path:
+    out = cli(command, "--set", f"data.root={cli.data('mnist')}", "--set", "train.epochs=1",
+              "--set", "finetune.epochs=1", "--runs-dir", str(cli.runs), *QUIET)
+    assert "lenet300_100 on mnist — complete" in out
+    (run,) = cli.runs.iterdir()
+    return run
+
+
+def cmd_help(cli, command):
+    with pytest.raises(SystemExit) as exit_:
+        cli(command)
+    assert exit_.value.code == 0
+    out = cli.capsys.readouterr().out
+    assert all(c in out for c in ("train", "compare", "grow-prune", "oneshot", "list"))
+
+
+def cmd_list(cli, command):
+    out = cli(command)
+    assert all(name in out for name in ("rigl", "granet", "lenet300_100", "fashion-mnist", "erk", "cubic"))
+
+
+def cmd_demo(cli, command):
+    run = run_demo(cli, command)
+    assert run.name.startswith("demo-lenet300-mnist-")
+    assert json.loads((run / "results.json").read_text())["complete"]
+
+
+def cmd_resume(cli, command):
+    run = run_demo(cli, "secateurs train --config configs/demo_lenet300_mnist.yaml")
+    results = run / "results.json"
+    results.unlink()  # as if killed before the results were written: each level resumes from its checkpoint
+    out = cli(command, *QUIET, replace={DEMO_DIR: str(run)})
+    assert "complete" in out and json.loads(results.read_text())["complete"]
+
+
+def cmd_report(cli, command):
+    run = run_demo(cli, "secateurs train --config configs/demo_lenet300_mnist.yaml")
+    for name in ("accuracy_vs_sparsity.png", "layer_sparsity.png", "results.csv"):
+        (run / name).unlink()
+    cli(command, replace={DEMO_DIR: str(run)})
+    assert all((run / name).is_file() for name in ("accuracy_vs_sparsity.png", "layer_sparsity.png", "results.csv"))
+
+
+def train_fast(dataset, replace=None):
+    def run(cli, command):
+        out = cli(command, "--epochs", "1", "--finetune-epochs", "1", "--data-root", cli.data(dataset),
+                  "--runs-dir", str(cli.runs), *QUIET, replace=replace)
+        assert "— complete" in out
+    return run
+
+
+def cmd_train_cfg(cli, command):
+    cfg = cli.tmp / "my.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "mine", "data": {"dataset": "digits"}, "train": {"epochs": 1},
+                                   "prune": {"sparsities": [0.5]}}))
+    out = cli(command, "--runs-dir", str(cli.runs), *QUIET, replace={"CFG.yaml": str(cfg)})
+    (run,) = cli.runs.iterdir()
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["train"]["optimizer"]["lr"] == 0.05 and config["finetune"]["epochs"] == 5 and "complete" in out
+
+
+def cmd_compare(cli, command):
+    # `secateurs compare` takes no --set yet: a copy of the config, one seed, one epoch, one level
+    variants = yaml.safe_load((REPO / "configs/dst_lenet5_fashion.yaml").read_text())["variants"]
+    cfg = cli.config("dst_lenet5_fashion.yaml", {
+        "seeds": [0], "base.train.epochs": 1, "base.train.lr_schedule": {"name": "constant"},
+        "base.prune.sparsities": [0.9], "variants": [{**v, "params": {**v["params"], "every": 4}} for v in variants]})
+    out = cli(command, "--data-root", cli.data("fashion-mnist"), "--runs-dir", str(cli.runs), *QUIET,
+              replace={"configs/dst_lenet5_fashion.yaml": cfg})
+    assert "INCOMPLETE" not in out and "GraNet (s_i=0.5)" in out
+
+
+def cmd_plasticity(cli, command):
+    # `secateurs plasticity` takes no --set yet: a copy of the config, two epochs, two cells
+    cfg = cli.config("plasticity_lenet300_fashion.yaml", {
+        "prune_epochs": [1], "ratios": [0.5, 0.9], "continue_epochs": 1, "regeneration.every": 4,
+        "base.train.epochs": 2, "base.train.lr_schedule": {"name": "constant"},
+        "base.data.root": cli.data("fashion-mnist")})
+    out = cli(command, "--runs-dir", str(cli.runs), *QUIET, replace={"configs/plasticity_lenet300_fashion.yaml": cfg})
+    assert "accuracy change" in out
+
+
+LOTTERY_FAST = ["--set", "lottery.rounds=2", "--set", "train.epochs=1", "--set", "data.validation=512",
+                "--set", "train.eval_every=8", "--set", "lottery.supermask.sparsities=[0.5]"]
+
+
+def cmd_lottery(cli, command):
+    seeds = [] if "--seeds" in command else ["--seeds", "0"]
+    out = cli(command, *seeds, *LOTTERY_FAST, "--data-root", cli.data("mnist"), "--runs-dir", str(cli.runs), *QUIET)
+    assert "INCOMPLETE" not in out
+
+
+def single_run(dataset, *sets):
+    def run(cli, command):
+        extra = [a for s in sets for a in ("--set", s)]
+        out = cli(command, *extra, "--data-root", cli.data(dataset), "--runs-dir", str(cli.runs), *QUIET)
+        assert "wrote" in out
+    return run
+
+
+TINY_LM_TEXT = "\n".join(f"line {i}: the quick brown fox jumps over the lazy dog {i % 7} times" for i in range(300)) + "\n"
+
+
+def tiny_lm(directory: Path) -> Path:
+    """A tiny Llama with a byte-level BPE tokenizer, saved with save_pretrained (random weights)."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator([TINY_LM_TEXT], tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<eos>"], initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    config = transformers.LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      bos_token_id=None, eos_token_id=fast.eos_token_id)
+    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    fast.save_pretrained(directory)
+    return directory
+
+
+def cmd_oneshot_kjv(cli, command):
+    import shutil
+
+    if shutil.which("bible") is None:
+        pytest.skip("the kjv corpus is not installed: sudo apt-get install bible-kjv")
+    model = tiny_lm(cli.tmp / "dense")
+    # the test split of the Bible is ~180k tokens here: long windows make fewer forward passes
+    out = cli(command, "--nsamples", "4", "--seqlen", "256", "--runs-dir", str(cli.runs), *QUIET,
+              replace={"runs/oneshot-kjv/dense": str(model)})
+    assert "wanda 50%: perplexity" in out
+
+
+def cmd_oneshot_files(cli, command):
+    model = tiny_lm(cli.tmp / "model")
+    (cli.tmp / "calib.txt").write_text(TINY_LM_TEXT)
+    (cli.tmp / "test.txt").write_text(TINY_LM_TEXT[::-1])
+    out = cli(command, "--nsamples", "4", "--seqlen", "32", "--runs-dir", str(cli.runs), *QUIET,
+              replace={"PATH": str(model)})
+    assert "sparsegpt 2:4: perplexity" in out
+
+
+COMMANDS = {
+    "secateurs --help": cmd_help,
+    "secateurs list": cmd_list,
+    "secateurs train --config configs/demo_lenet300_mnist.yaml": cmd_demo,
+    "secateurs train --model lenet5 --dataset fashion-mnist --sparsity 0.9 --sparsity 0.95 --epochs 10":
+        train_fast("fashion-mnist"),
+    "secateurs train --config CFG.yaml --set train.optimizer.lr=0.05 --set finetune.epochs=5": cmd_train_cfg,
+    f"secateurs train --resume {DEMO_DIR}": cmd_resume,
+    f"secateurs report {DEMO_DIR}": cmd_report,
+    "secateurs train --method rigl --model lenet5 --dataset fashion-mnist --sparsity 0.9 --set prune.params.every=100":
+        train_fast("fashion-mnist", replace={"prune.params.every=100": "prune.params.every=4"}),
+    "secateurs train --method snip --sparsity 0.98 --model lenet5 --dataset mnist": train_fast("mnist"),
+    "secateurs compare --config configs/dst_lenet5_fashion.yaml": cmd_compare,
+    "secateurs plasticity --config configs/plasticity_lenet300_fashion.yaml": cmd_plasticity,
+    "secateurs lottery --config configs/lth_lenet300_mnist.yaml": cmd_lottery,
+    "secateurs lottery --config configs/lth_lenet300_mnist.yaml --seeds 0 --set lottery.reset=lr_rewind": cmd_lottery,
+    "secateurs structured --config configs/structured_lenet5_mnist.yaml": single_run(
+        "mnist", "train.epochs=1", "finetune.epochs=1", "structured.flops_removed=[0.5]",
+        "structured.latency_repeats=1", "train.lr_schedule.name=constant"),
+    "secateurs grow --config configs/growth_mlp_mnist.yaml": single_run(
+        "mnist", "seeds=[0]", "train.epochs=1", "train.eval_every=8", "growth.start_step=2", "growth.every=2",
+        "growth.events=2", "growth.loss_subset=256"),
+    "secateurs grow-prune --config configs/grow_prune_mnist.yaml --set seed=1": single_run(
+        "mnist", "cycles=2", "data.validation=512", "grow_prune.usefulness_batches=2"),
+    "secateurs linearize --config configs/linearize_lenet5_mnist.yaml": single_run(
+        "mnist", "train.epochs=1", "train.lr_schedule.name=constant", "snl.budgets=[0.1]", "snl.epochs=1",
+        "finetune.epochs=1", "finetune.lr_schedule.name=constant"),
+    "secateurs indicators --config configs/indicators_mnist.yaml": single_run(
+        "mnist", "architectures=[{kind: mlp, hidden: [16]}, {kind: cnn, channels: [4]}, {kind: mlp, hidden: [8, 8]}]",
+        "train_seeds=[0]", "indicators.repeats=1", "indicators.ntk_batch=16", "indicators.region_samples=64"),
+    "secateurs oneshot --model runs/oneshot-kjv/dense --text kjv --method wanda --sparsity 0.5": cmd_oneshot_kjv,
+    "secateurs oneshot --model PATH --calib calib.txt --eval test.txt --method sparsegpt --nm 2:4": cmd_oneshot_files,
+}
+
+
+def test_every_command_line_is_run_or_marked_long():
+    assert len(COMMANDS_IN_README) > 10
+    unmarked = {command for _, command, long in COMMANDS_IN_README if not long}
+    missing = sorted(unmarked - set(COMMANDS))
+    assert not missing, f"README command lines neither run here nor marked long (# ... ~N min): {missing}"
+    stale = sorted(set(COMMANDS) - unmarked)
+    assert not stale, f"COMMANDS entries that are no README line (or are marked long there): {stale}"
+
+
+def test_the_long_lines_are_the_make_targets():
+    long = [command for _, command, is_long in COMMANDS_IN_README if is_long]
+    assert long == ["make demo", "make test"]
+    makefile = (REPO / "Makefile").read_text()
+    demo_recipe = re.search(r"^demo:.*\n((?:\t.*\n)+)", makefile, flags=re.M)[1]
+    assert "secateurs train --config configs/demo_lenet300_mnist.yaml" in demo_recipe, \
+        "make demo runs the README's demo command, which test_command_line runs fast"
+
+
+def test_the_run_directory_in_the_readme_is_the_demos():
+    from secateurs.experiments import load_config
+
+    name = load_config(REPO / "configs/demo_lenet300_mnist.yaml").run_name()
+    named = re.findall(r"runs/(demo-lenet300-mnist-[0-9a-f]+)", TEXT)
+    assert len(named) >= 2 and set(named) == {name}, f"make demo writes runs/{name}"
+    assert DEMO_DIR == f"runs/{name}"
+
+
+@pytest.mark.parametrize("command", [pytest.param(c, id=c) for c in sorted(COMMANDS)])
+def test_command_line(command, cli):
+    COMMANDS[command](cli, command)
