@@ -105,13 +105,6 @@ def test_run_names_follow_the_non_default_config():
     assert a.run_name().startswith("x-")
 
 
-def test_resume_with_a_changed_config_is_refused(tmp_path, capsys):
-    _, run, _ = run_tiny(tmp_path)
-    code = main(["train", "--resume", str(run.path), "--set", "train.epochs=5", "--no-progress"])
-    err = capsys.readouterr().err
-    assert code == 2 and "different config" in err and "train.epochs" in err
-
-
 @pytest.mark.parametrize(
     "flags,expected",
     [

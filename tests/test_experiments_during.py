@@ -1,6 +1,7 @@
 """The experiment layer with methods that prune during training, and method comparisons."""
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,7 +118,8 @@ def test_comparison_aggregates_seeds_and_reuses_runs(tmp_path, capsys):
             accs.append(next(r["test_acc"] for r in res["levels"] if r["phase"] == "sparsity-0.9"))
     assert rows[("SET", 0.9)]["test_acc_mean"] == pytest.approx(sum(accs) / 2)
     assert rows[("SET", 0.9)]["test_acc_std"] == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)
-    out = tmp_path / "runs" / "cmp-comparison"
+    out = Path(summary["dir"])
+    assert out.parent == tmp_path / "runs" and out.name.startswith("cmp-") and out.name.endswith("-comparison")
     assert json.loads((out / "comparison.json").read_text())["complete"]
     assert "| 90% | SET |" in (out / "comparison.md").read_text()
     assert (out / "accuracy_vs_sparsity.png").stat().st_size > 1000

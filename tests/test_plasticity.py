@@ -1,5 +1,7 @@
 """Pruning plasticity study: the grid, the learning rate of the moment, resume."""
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import yaml
@@ -47,7 +49,8 @@ def test_plasticity_grid_uses_the_learning_rate_of_the_moment_and_resumes(tmp_pa
             assert a["acc_pre"] == b["acc_pre"] and a["acc_pruned"] == b["acc_pruned"]
     snap = load_checkpoint(tmp_path / "runs" / next(p.name for p in (tmp_path / "runs").iterdir() if p.name.startswith("pl-dense")) / "checkpoints" / "epoch-2.pt")
     assert snap["train_state"]["epoch"] == 2
-    out = tmp_path / "runs" / "pl-plasticity"
+    out = Path(result["dir"])
+    assert out.parent == tmp_path / "runs" and out.name.startswith("pl-") and out.name.endswith("-plasticity")
     assert (out / "plasticity.png").stat().st_size > 1000
     # resume: a finished study recomputes nothing
     data = json.loads((out / "plasticity.json").read_text())
@@ -58,6 +61,17 @@ def test_plasticity_grid_uses_the_learning_rate_of_the_moment_and_resumes(tmp_pa
     assert len(messages) == 3 and len(again["cells"]) == 8
     assert main(["plasticity", "--config", str(write(tmp_path)), "--runs-dir", str(tmp_path / "runs"), "--no-progress"]) == 0
     assert "without / with regeneration" in capsys.readouterr().out
+    # a changed setting is a new study in its own directory, never the old cells (issue 16's
+    # plasticity bug: continue_epochs / regeneration / base changes reused the old results)
+    changed = run_plasticity(replace(study, regeneration=replace(study.regeneration, every=7)), tmp_path / "runs",
+                             progress=False, echo=lambda s: None)
+    assert changed["dir"] != result["dir"] and len(changed["cells"]) == 8
+    assert [c["acc_continue"] for c in changed["cells"] if c["regeneration"]] != [c["acc_continue"] for c in again["cells"] if c["regeneration"]]
+    assert json.loads((out / "plasticity.json").read_text())["cells"] == again["cells"], "the first study is untouched"
+    # --set works as for train, and lands in its own directory too
+    assert main(["plasticity", "--config", str(write(tmp_path)), "--runs-dir", str(tmp_path / "runs"), "--no-progress",
+                 "--set", "continue_epochs=2"]) == 0
+    assert len(list((tmp_path / "runs").glob("pl-*-plasticity"))) == 3
 
 
 def test_plasticity_bad_input(tmp_path):

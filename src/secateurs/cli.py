@@ -20,8 +20,20 @@ def _parse_set(items: Sequence[str]) -> dict:
     for item in items:
         if "=" not in item:
             raise ConfigError(f"--set expects KEY=VALUE (e.g. train.epochs=3), got {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        key, value = (part.strip() for part in item.split("=", 1))
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set {item!r}: the key is empty or has an empty part; write e.g. train.epochs=3")
+        if key in out:
+            raise ConfigError(f"--set {key} is given twice ({out[key]!r} and {value!r}); keep one")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            from .experiments.config import yaml_problem
+
+            raise ConfigError(
+                f"--set {key}={value}: the value is not valid YAML ({yaml_problem(e)}). "
+                "Write lists as [0.5, 0.9], and quote strings with special characters"
+            ) from None
     return out
 
 
@@ -44,12 +56,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     overrides = {**_flag_overrides(args), **_parse_set(args.set)}
     if args.resume:
+        from .experiments.sweep import continue_from
+
         run = RunDir(args.resume)
         saved = run.config_path
         if not saved.is_file():
             raise ConfigError(f"--resume {args.resume}: no config.yaml there; is it a run directory?")
         config = load_config(args.config or saved, overrides)
-        run.bind(config)  # refuses a changed config, naming the changed keys
+        if run.changes(config):
+            old = run
+            run, changed = continue_from(old, config, args.runs_dir if args.runs_dir != "runs" else old.path.parent)
+            reused = "its finished dense phase is reused" if run.checkpoint("dense").is_file() else (
+                "nothing of it is reused (the dense phase depends on the changed keys)")
+            print(f"--resume with a changed config ({', '.join(changed[:8]) or 'name'}): runs never mix, so this is "
+                  f"a new run of the changed config, next to {old.path}; {reused}")
+        run.bind(config)  # refuses a directory that holds another config's run
     else:
         config = load_config(args.config, overrides)
         run = RunDir.for_config(config, args.runs_dir)
@@ -62,13 +83,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from .experiments.compare import load_comparison, run_comparison
 
-    comparison = load_comparison(args.config)
+    overrides = _parse_set(args.set)
     if args.data_root:
-        import dataclasses
-
-        base = dict(comparison.base)
-        base["data"] = {**base.get("data", {}), "root": args.data_root}
-        comparison = dataclasses.replace(comparison, base=base)
+        overrides["base.data.root"] = args.data_root
+    comparison = load_comparison(args.config, overrides)
     seeds = tuple(args.seeds) if args.seeds else None
     summary = run_comparison(comparison, args.runs_dir, seeds=seeds, progress=not args.no_progress)
     print(f"\n{comparison.name}" + ("" if summary["complete"] else f" — INCOMPLETE, missing: {', '.join(summary['missing'])}"))
@@ -136,7 +154,10 @@ def cmd_single_run(args: argparse.Namespace) -> int:
 def cmd_plasticity(args: argparse.Namespace) -> int:
     from .experiments.plasticity import format_plasticity, load_plasticity, run_plasticity
 
-    study = load_plasticity(args.config)
+    overrides = _parse_set(args.set)
+    if args.data_root:
+        overrides["base.data.root"] = args.data_root
+    study = load_plasticity(args.config, overrides)
     result = run_plasticity(study, args.runs_dir, progress=not args.no_progress)
     print(f"\n{study.name}: accuracy change (pt) after pruning and {study.continue_epochs} epoch(s) of "
           "continued training, without / with regeneration")
@@ -188,6 +209,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"{title}:")
         for entry in registry:
             print(f"  {entry.name:<16} {entry.description}")
+            defaults = getattr(entry.obj, "train_defaults", None) if registry is MODELS else None
+            if defaults:
+                print(f"  {'':<16} unless the config sets them: {', '.join(f'{k}={v}' for k, v in defaults.items())}")
             if registry is METHODS:
                 params = ", ".join(_accepted_params(entry.obj))
                 print(f"  {'':<16} prunes {entry.obj.timing} training" if entry.obj.timing != "init"
@@ -251,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = sub.add_parser("compare", help="several methods x seeds on one task: mean +- std table and plot")
     compare.add_argument("--config", type=Path, required=True, help="comparison YAML (see configs/dst_*.yaml)")
+    compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. base.train.epochs=2")
     compare.add_argument("--seeds", type=int, nargs="+", help="run only these seeds (split a comparison across processes)")
     compare.add_argument("--data-root", help="dataset directory / file (overrides base.data.root)")
     compare.add_argument("--runs-dir", default="runs", help="where run directories are created (default: runs)")
@@ -263,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     lottery.add_argument("--seeds", type=int, nargs="+", help="run these seeds (default: the config's seeds)")
     lottery.add_argument("--data-root", help="dataset directory / file (overrides data.root)")
     lottery.add_argument("--runs-dir", default="runs", help="where run directories are created (default: runs)")
-    lottery.add_argument("--out", help="where the seed-aggregated table and plots go (default: RUNS_DIR/NAME-lottery)")
+    lottery.add_argument("--out", help="where the seed-aggregated table and plots go (default: RUNS_DIR/NAME-HASH-lottery, HASH over the config and seeds)")
     lottery.add_argument("--no-progress", action="store_true", help="no progress bars")
     lottery.set_defaults(func=cmd_lottery)
 
@@ -278,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     plast = sub.add_parser("plasticity", help="pruning plasticity grid (GraNet Fig. 2): prune at epoch t by p, continue k epochs")
     plast.add_argument("--config", type=Path, required=True, help="plasticity YAML (see configs/plasticity_*.yaml)")
+    plast.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. continue_epochs=2")
+    plast.add_argument("--data-root", help="dataset directory / file (overrides base.data.root)")
     plast.add_argument("--runs-dir", default="runs", help="where run directories are created (default: runs)")
     plast.add_argument("--no-progress", action="store_true", help="no progress bars")
     plast.set_defaults(func=cmd_plasticity)
@@ -321,6 +348,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:  # a path the user gave that cannot be read or written, a full disk
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"secateurs: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\nsecateurs: interrupted; re-run the same command to resume from the last epoch", file=sys.stderr)
         return 130

@@ -28,7 +28,13 @@ def from_dict(cls: type, data: Mapping[str, Any] | None, where: str = "") -> Any
         )
     hints = typing.get_type_hints(cls)
     kwargs = {k: _coerce(hints[k], v, f"{where}{k}") for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        section = where.rstrip(".")
+        if not section or str(e).startswith(section):
+            raise
+        raise type(e)(f"{section}: {e}") from None  # which section of the config is wrong
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:

@@ -28,18 +28,23 @@ def format_table(rows: Sequence[dict]) -> str:
             f"{100 * r['target_sparsity']:7.1f}% {100 * r['sparsity']:8.2f}% {weights:>15} "
             f"{_pct(r.get('acc_before_finetune'), 10)} {_pct(r['test_acc'], 9)} "
             f"{_pct(_flops(r, 'inference'), 11, 1)} {_pct(_flops(r, 'training'), 11, 1)}"
+            + ("  FAILED (learned nothing)" if r.get("health") else "")
         )
+    failed = [r for r in rows if r.get("health")]
+    for r in failed:
+        lines.append(f"FAILED {r['phase']}: {r['health']}")
     return "\n".join(lines)
 
 
 def to_csv(rows: Sequence[dict]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["phase", *COLUMNS, "test_loss", "active", "numel", "inference_flops", "training_flops"])
+    writer.writerow(["phase", *COLUMNS, "test_loss", "active", "numel", "inference_flops", "training_flops", "health"])
     for r in rows:
         writer.writerow([
             r["phase"], *(r.get(c) if r.get(c) is not None else "" for c in COLUMNS), r["test_loss"],
             r.get("active", ""), r.get("numel", ""),
             *("" if _flops(r, k) is None else _flops(r, k) for k in ("inference", "training")),
+            r.get("health") or "ok",
         ])
     return out.getvalue()

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from ..errors import ConfigError, NonFiniteLossError
 from ..typed_config import from_dict
-from .config import ExperimentConfig, apply_overrides, read_yaml
+from .config import ExperimentConfig, aggregate_dir, apply_overrides, load_typed, with_model_defaults
 from .runs import RunDir, atomic_write_text
 
 
@@ -51,13 +51,14 @@ class ComparisonConfig:
             raise ConfigError("a comparison needs at least one seed")
 
 
-def load_comparison(path: str | Path) -> ComparisonConfig:
-    return from_dict(ComparisonConfig, read_yaml(path, "comparison config"))
+def load_comparison(path: str | Path, overrides: dict[str, Any] | None = None) -> ComparisonConfig:
+    """A comparison YAML with dotted overrides (``base.train.epochs``, ``seeds``) applied."""
+    return load_typed(ComparisonConfig, path, overrides, "comparison config")
 
 
 def _override(base: dict, overrides: dict) -> ExperimentConfig:
     """The base experiment with dotted overrides, validated like any config."""
-    return from_dict(ExperimentConfig, apply_overrides(base, overrides))
+    return from_dict(ExperimentConfig, with_model_defaults(apply_overrides(base, overrides)))
 
 
 def experiment_configs(comparison: ComparisonConfig, seeds: tuple[int, ...] | None = None) -> list[tuple[str, int, ExperimentConfig]]:
@@ -112,7 +113,7 @@ def run_comparison(
         run = RunDir.for_config(config, runs_dir)
         echo(f"[{i}/{len(runs)}] {label} seed {seed}: {run.path}")
         try:
-            run_sweep(config, run, progress=progress, echo=echo, dataset=dataset)
+            run_sweep(config, run, progress=progress, echo=echo, dataset=dataset, dense_only=label == "dense")
         except NonFiniteLossError as e:
             # a diverged run is a result, not a reason to stop the other runs
             failed.append(f"{label} seed {seed}")
@@ -124,7 +125,7 @@ def run_comparison(
 
 def aggregate(comparison: ComparisonConfig, runs_dir: str | Path) -> dict:
     """Mean and std over seeds of every finished run; missing runs are listed, not guessed."""
-    out_dir = Path(runs_dir) / f"{comparison.name}-comparison"
+    out_dir = aggregate_dir(runs_dir, comparison, "comparison")
     cells: dict[tuple[str, float], list[dict]] = {}
     missing = []
     for label, seed, config in experiment_configs(comparison):

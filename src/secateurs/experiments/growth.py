@@ -29,7 +29,7 @@ from ..data import ImageDataset, InMemoryLoader
 from ..errors import ConfigError
 from ..grow import GROWTH_INITS, Grower, widths
 from ..models import MLP, count_parameters
-from ..train import Trainer, TrainConfig, load_checkpoint, save_checkpoint
+from ..train import Trainer, load_checkpoint, save_checkpoint
 from .config import DataConfig, HashedConfig, PhaseConfig, load_typed
 from .runs import RunDir, atomic_write_text, execute
 
@@ -123,12 +123,7 @@ class _Growth:
         g = self.g
         name = f"{arm}-seed{seed}"
         model = self._model(g.target if arm == "big" else g.start, seed)
-        cfg = TrainConfig(
-            epochs=self.config.train.epochs, optimizer=self.config.train.optimizer,
-            lr_schedule=self.config.train.lr_schedule, seed=seed, device=self.config.device,
-            grad_clip=self.config.train.grad_clip, label_smoothing=self.config.train.label_smoothing,
-            eval_every=self.config.train.eval_every,
-        )
+        cfg = self.config.train.train_config(seed=seed, device=self.config.device)
         probe = self.data.probe()
         trainer = Trainer(
             model, self.data.train(seed), cfg, eval_data=self.data.test, val_data=self.loss_data,

@@ -193,6 +193,8 @@ class _Study:
         torch.manual_seed(seed)
         model = self.factory(arch)()
         cfg = replace(_train_config(self.config.train, self.config, 0), seed=seed)
+        if cfg.health == "error":  # an architecture that cannot learn is a data point here, not a failure
+            cfg = replace(cfg, health="mark")
         log = lambda record: self.run_dir.log({"phase": phase, **record})  # noqa: E731
         trainer = Trainer(model, self.data.train(seed), cfg, eval_data=self.data.test, val_data=self.data.val,
                           checkpoint_path=self.run_dir.checkpoint(phase), callbacks=[log],
@@ -201,7 +203,7 @@ class _Study:
             self.echo(f"resumed {phase} at epoch {trainer.state.epoch}/{cfg.epochs}")
         trainer.fit()
         final = trainer.evaluate(self.data.test)
-        return {"seed": seed, "test_acc": final["acc"], "test_loss": final["loss"]}
+        return {"seed": seed, "test_acc": final["acc"], "test_loss": final["loss"], "health": trainer.health}
 
     def architecture(self, index: int, arch: Architecture) -> dict:
         config, s = self.config, self.config.indicators

@@ -48,7 +48,7 @@ from ..resets import KEPT_INITS, init_kept_, rewind_
 from ..schedules import parse_duration
 from ..train import Trainer, TrainConfig, build_optimizer, load_checkpoint, save_checkpoint
 from ..train.optim import build_lr_schedule
-from .config import DataConfig, HashedConfig, ModelConfig, PhaseConfig, load_typed, read_yaml
+from .config import DataConfig, HashedConfig, ModelConfig, PhaseConfig, aggregate_dir, load_typed, read_yaml
 from .runs import RunDir, atomic_write_text, execute
 from .sweep import _Data, build_model
 
@@ -231,11 +231,7 @@ class _Lottery:
     def _schedule(self, r: int) -> tuple[TrainConfig, int]:
         """The training config and start step of round ``r``'s trainings."""
         phase, cfg = self.config.train, self.config
-        base = TrainConfig(
-            epochs=phase.epochs, optimizer=phase.optimizer, lr_schedule=phase.lr_schedule,
-            seed=cfg.seed * 1000 + r, device=cfg.device, grad_clip=phase.grad_clip,
-            label_smoothing=phase.label_smoothing, eval_every=phase.eval_every,
-        )
+        base = phase.train_config(seed=cfg.seed * 1000 + r, device=cfg.device)
         reset = self.lt.reset
         if r == 0:
             return base, 0
@@ -459,7 +455,7 @@ def aggregate_lottery(
 ) -> dict:
     """Mean and std over seeds per round for the ticket and each control; supermask table;
     JSON, CSV, Markdown and the two figures of Frankle & Carbin (2019) into ``out_dir``."""
-    out = Path(out_dir) if out_dir is not None else Path(runs_dir) / f"{config.name}-lottery"
+    out = Path(out_dir) if out_dir is not None else aggregate_dir(runs_dir, replace(config, seed=0), "lottery", sorted(seeds))
     per_seed, missing = {}, []
     for seed in seeds:
         run = RunDir.for_config(seed_config(config, seed), runs_dir)

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from ..errors import ConfigError
 from ..typed_config import from_dict
-from .config import ExperimentConfig, read_yaml
+from .config import ExperimentConfig, aggregate_dir, load_typed
 from .runs import RunDir, atomic_write_text
 
 
@@ -66,8 +66,9 @@ class PlasticityConfig:
         return config
 
 
-def load_plasticity(path: str | Path) -> PlasticityConfig:
-    return from_dict(PlasticityConfig, read_yaml(path, "plasticity config", "configs/plasticity_*.yaml"))
+def load_plasticity(path: str | Path, overrides: dict[str, Any] | None = None) -> PlasticityConfig:
+    """A plasticity YAML with dotted overrides (``continue_epochs``, ``base.train.epochs``) applied."""
+    return load_typed(PlasticityConfig, path, overrides, "plasticity config")
 
 
 def run_plasticity(
@@ -89,7 +90,7 @@ def run_plasticity(
     dataset = dataset if dataset is not None else load_dataset(config.data.dataset, config.data.root)
     run = RunDir.for_config(config, runs_dir)
     run.bind(config)
-    out_dir = Path(runs_dir) / f"{study.name}-plasticity"
+    out_dir = aggregate_dir(runs_dir, study, "plasticity")
     out_dir.mkdir(parents=True, exist_ok=True)
     data = _Data(config, dataset)
 
@@ -171,7 +172,10 @@ def _cell(study, config, data, dataset, state, epoch, ratio, regen, progress) ->
         model, optimizer, score=magnitude, sparsity=ratio, scope="global",
         regrowth=GradientRegrowth() if regen else None, swap_schedule=regeneration, seed=config.seed,
     )
-    trainer = Trainer(model, train_data, _train_config(phase, config, 0), optimizer=optimizer,
+    cfg = _train_config(phase, config, 0)
+    if cfg.health == "error":  # a network that never recovers from a prune is what plasticity measures
+        cfg = replace(cfg, health="mark")
+    trainer = Trainer(model, train_data, cfg, optimizer=optimizer,
                       sparsifier=sparsifier, eval_data=data.test, progress=progress,
                       progress_desc=f"t={epoch} p={ratio:g}{' +regen' if regen else ''}")
     acc_pre = trainer.evaluate(data.test)["acc"]
@@ -182,7 +186,7 @@ def _cell(study, config, data, dataset, state, epoch, ratio, regen, progress) ->
     return {
         "epoch": epoch, "ratio": ratio, "regeneration": regen, "lr": lr,
         "acc_pre": acc_pre, "acc_pruned": acc_pruned, "acc_continue": acc_continue,
-        "plasticity": acc_continue - acc_pre, "sparsity": sparsifier.sparsity,
+        "plasticity": acc_continue - acc_pre, "sparsity": sparsifier.sparsity, "health": trainer.health,
     }
 
 

@@ -34,6 +34,18 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def check_runs_root(runs_root: str | Path) -> None:
+    """``--runs-dir`` must be a directory (made if missing) that this process can write."""
+    root = Path(runs_root)
+    for parent in (root, *root.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"--runs-dir {root}: {parent} is a file, not a directory; pass a directory (default: runs)")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ConfigError(f"--runs-dir {root}: {parent} is not writable by this user; pass a directory you can write")
+            return
+
+
 class RunDir:
     """The files of one run: ``config.yaml``, ``metrics.jsonl``, ``results.json``,
     ``checkpoints/``, plots."""
@@ -43,6 +55,7 @@ class RunDir:
 
     @classmethod
     def for_config(cls, config: HashedConfig, runs_root: str | Path = "runs") -> "RunDir":
+        check_runs_root(runs_root)
         return cls(Path(runs_root) / config.run_name())
 
     config_path = property(lambda self: self.path / "config.yaml")
@@ -56,16 +69,31 @@ class RunDir:
     def saved_config(self) -> dict | None:
         if not self.config_path.is_file():
             return None
-        return yaml.safe_load(self.config_path.read_text())
+        try:
+            saved = yaml.safe_load(self.config_path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise CheckpointError(
+                f"{self.config_path} is corrupted ({type(e).__name__}); it names the config this run belongs to. "
+                "Restore it, or delete the run directory to start over"
+            ) from None
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{self.config_path} does not hold a config mapping; restore it or delete the run directory")
+        return saved
+
+    def changes(self, config: HashedConfig) -> list[str]:
+        """The dotted keys in which ``config`` differs from the run saved here (none if the
+        directory holds no run yet); options added since it was written count as defaults."""
+        saved = self.saved_config()
+        if saved is None:
+            return []
+        saved, mine = _with_defaults(saved, type(config)), config.to_dict()
+        return sorted(_flat_keys(_diff(mine, saved)) | _flat_keys(_diff(saved, mine)))
 
     def bind(self, config: HashedConfig) -> None:
         """Claim the directory for ``config``; refuse if it holds a run of another config."""
         saved = self.saved_config()
-        mine = config.to_dict()
-        if saved is not None:
-            saved = _with_defaults(saved, type(config))
-        if saved is not None and saved != mine:
-            changed = sorted(_flat_keys(_diff(mine, saved)) | _flat_keys(_diff(saved, mine)))
+        changed = self.changes(config)
+        if changed:
             raise ConfigError(
                 f"{self.path} holds a run of a different config (changed: {', '.join(changed[:8])}); "
                 "resume it with its own config (secateurs train --resume DIR without --config), "
@@ -73,7 +101,7 @@ class RunDir:
             )
         self.path.mkdir(parents=True, exist_ok=True)
         if saved is None:
-            atomic_write_text(self.config_path, yaml.safe_dump(mine, sort_keys=False))
+            atomic_write_text(self.config_path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
     @contextlib.contextmanager
     def lock(self):
@@ -139,7 +167,9 @@ def execute(run: RunDir, config, body, *, echo=print, dataset=None) -> dict:
     directory is created (configs that build their own models have no ``model`` section)."""
     from ..data import load_dataset
     from ..models import MODELS
+    from .config import check_device
 
+    check_device(getattr(config, "device", "auto"))
     if getattr(config, "model", None) is not None:
         MODELS.get(config.model.name)
     if run.results_path.is_file() and run.results().get("complete"):

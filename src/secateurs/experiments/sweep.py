@@ -35,16 +35,7 @@ from .runs import RunDir, atomic_write_text, execute
 
 
 def _train_config(phase: PhaseConfig, config: ExperimentConfig, index: int) -> TrainConfig:
-    return TrainConfig(
-        epochs=phase.epochs,
-        optimizer=phase.optimizer,
-        lr_schedule=phase.lr_schedule,
-        seed=config.seed * 1000 + index,
-        device=config.device,
-        grad_clip=phase.grad_clip,
-        label_smoothing=phase.label_smoothing,
-        eval_every=phase.eval_every,
-    )
+    return phase.train_config(seed=config.seed * 1000 + index, device=config.device)
 
 
 class _Data:
@@ -172,17 +163,76 @@ def run_sweep(
     progress: bool = True,
     echo: Callable[[str], None] = print,
     dataset: ImageDataset | None = None,
+    dense_only: bool = False,
 ) -> dict:
-    """Run (or resume, or reuse) the experiment in ``run``; returns the results dict."""
+    """Run (or resume, or reuse) the experiment in ``run``; returns the results dict.
+
+    A sweep prunes: one without ``prune.sparsities`` is refused rather than run as a
+    dense-only job nobody asked for, unless ``dense_only`` says that is the point (the dense
+    line of a comparison)."""
     METHODS.get(config.prune.method)  # bad names fail before the run directory is created
+    if not config.prune.sparsities and not dense_only:
+        raise ConfigError(
+            f"prune.sparsities is empty, so {config.prune.method!r} would prune nothing and only the dense network "
+            "would train. Give the levels: --sparsity 0.9 (repeat for more) or prune.sparsities: [0.9, 0.95]"
+        )
+    if config.prune.sparsities and dense_only:
+        raise ConfigError(f"dense_only=True but prune.sparsities is {list(config.prune.sparsities)}; drop one of them")
     try:
         return execute(run, config, lambda data: _Sweep(config, run, data, progress, echo).run(),
                        echo=echo, dataset=dataset)
-    except NonFiniteLossError as e:
+    except _PhaseDiverged as e:
         done = sorted(p.name for p in run.checkpoints.glob("*.pt")) if run.checkpoints.is_dir() else []
+        timing = METHODS.get(config.prune.method).timing
+        section = "finetune" if e.phase != "dense" and timing == "after" else "train"
+        lr = getattr(config, section).optimizer.lr
+        reuse = " (a new run directory that starts from this run's finished dense phase)" if section == "finetune" else ""
         raise NonFiniteLossError(
-            f"{e} Finished phases are kept in {run.checkpoints} ({', '.join(done) or 'none yet'})."
+            f"{e.phase}: {e.error} Finished phases are kept in {run.checkpoints} ({', '.join(done) or 'none yet'}). "
+            f"To go on with a lower learning rate: secateurs train --resume {run.path} --set {section}.optimizer.lr={lr / 10:g}"
+            f"{reuse}"
         ) from None
+
+
+class _PhaseDiverged(Exception):
+    def __init__(self, phase: str, error: NonFiniteLossError):
+        super().__init__(str(error))
+        self.phase, self.error = phase, error
+
+
+#: Config sections the dense phase does not read: a run that differs from another only here
+#: can start from the other's finished dense phase.
+_AFTER_DENSE = ("name", "prune", "finetune")
+
+
+def continue_from(old: RunDir, config: ExperimentConfig, runs_root: str | Path) -> tuple[RunDir, list[str]]:
+    """The run directory for ``config``, a changed version of the run in ``old`` (``--resume
+    DIR --set ...``, e.g. a lower fine-tuning lr after a divergence). Runs never mix, so it is
+    a new directory; when only sections the dense phase does not read changed (``prune``,
+    ``finetune``), ``old``'s finished dense phase is copied into it so it is not trained again.
+    Returns the directory and the changed keys."""
+    import shutil
+
+    from .runs import _with_defaults
+
+    saved = _with_defaults(old.saved_config() or {})
+    changed = old.changes(config)
+    new = RunDir.for_config(config, runs_root)
+    rows = {r["phase"]: r for r in old.results().get("levels", [])}
+    reusable = all(k.split(".")[0] in _AFTER_DENSE for k in changed) and config.prune.dense_baseline == saved.get("prune", {}).get("dense_baseline", True)
+    if reusable and "dense" in rows and old.checkpoint("dense").is_file() and not new.results_path.is_file():
+        new.bind(config)
+        with new.lock():
+            new.checkpoints.mkdir(parents=True, exist_ok=True)
+            tmp = new.checkpoints / ".dense.pt.copy"
+            shutil.copyfile(old.checkpoint("dense"), tmp)
+            tmp.replace(new.checkpoint("dense"))
+            for record in old.metrics():
+                if record.get("phase") == "dense":
+                    new.log(record)
+            new.write_results({**{k: v for k, v in old.results().items() if k != "levels"},
+                               "config_hash": config.short_hash(), "complete": False, "levels": [rows["dense"]]})
+    return new, changed
 
 
 class _Sweep:
@@ -201,6 +251,20 @@ class _Sweep:
         probe = build_model(config, dataset)
         prunable = list(select_prunable(probe, config.prune.include, config.prune.exclude))
         self.macs = layer_macs(probe, self.data.example(), prunable)
+        self._check_method()
+
+    def _check_method(self) -> None:
+        """Build the method's sparsifier for every level before any training, so a setting it
+        refuses (a schedule point past the end of training, an unknown parameter) fails now,
+        not after hours of dense training. Nothing is pruned; the RNG is left as it was."""
+        config = self.config
+        steps = len(self.data.train(0))
+        with torch.random.fork_rng(devices=[]):
+            for target in config.prune.sparsities:
+                model = build_model(config, self.dataset)
+                optimizer = build_optimizer(model, config.train.optimizer)
+                build_sparsifier(config, model, optimizer, sparsity=target, total_steps=steps * config.train.epochs,
+                                 steps_per_epoch=steps, batches=self.data.probe)
 
     def _trainer(self, model, phase: str, target: float, train_data, cfg, desc: str, **kwargs) -> Trainer:
         log = lambda record: self.run_dir.log({"phase": phase, "target_sparsity": target, **record})  # noqa: E731
@@ -220,7 +284,7 @@ class _Sweep:
             if "dense" in rows and run.checkpoint("dense").is_file():
                 model.load_state_dict(load_checkpoint(run.checkpoint("dense"))["model"])
             else:
-                rows["dense"] = self.dense(model)
+                rows["dense"] = _phase("dense", self.dense, model)
                 _save(run, results, rows, complete=False)
         previous = run.checkpoint("dense")
         levels = config.prune.sparsities
@@ -229,9 +293,9 @@ class _Sweep:
             desc = f"{config.prune.method} {target:g} ({index}/{len(levels)})"
             if not (phase in rows and run.checkpoint(phase).is_file()):
                 if self.timing == "after":
-                    rows[phase] = self.after_training_level(model, target, index, previous, desc)
+                    rows[phase] = _phase(phase, self.after_training_level, model, target, index, previous, desc)
                 else:
-                    rows[phase] = self.sparse_training_level(target, index, desc)
+                    rows[phase] = _phase(phase, self.sparse_training_level, target, index, desc)
                 _save(run, results, rows, complete=False)
             previous = run.checkpoint(phase)
         _save(run, results, rows, complete=True)
@@ -251,6 +315,7 @@ class _Sweep:
             "acc_before_finetune": final["acc"] if self.timing == "after" else None,
             "test_acc": final["acc"], "test_loss": final["loss"],
             "epochs": len(history), "layers": {}, "flops": _flops(self.macs, [], 1, {}),
+            "health": trainer.health,
         }
 
     def after_training_level(self, model, target: float, index: int, previous: Path, desc: str) -> dict:
@@ -318,6 +383,14 @@ class _Sweep:
         return row
 
 
+def _phase(name: str, body, *args):
+    """Run one phase; a divergence is reported with the phase's name."""
+    try:
+        return body(*args)
+    except NonFiniteLossError as e:
+        raise _PhaseDiverged(name, e) from None
+
+
 def _reset(config: ExperimentConfig, model, sparsifier: Sparsifier, dataset: ImageDataset) -> None:
     """Give the pruned network its starting weights (``prune.reset``): the initialisation
     of this seed (``rewind``) or of an unrelated seed (``reinit``), every parameter and
@@ -340,6 +413,7 @@ def _level_row(phase, target, trainer, sparsifier, data, history, before) -> dic
         "acc_before_finetune": before, "test_acc": final["acc"], "test_loss": final["loss"],
         "epochs": len(history), "active": stats["active"], "numel": stats["numel"],
         "layers": {n: v["sparsity"] for n, v in stats["layers"].items()},
+        "health": trainer.health,
     }
 
 

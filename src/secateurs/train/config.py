@@ -129,6 +129,12 @@ class TrainConfig:
 
     ``eval_every`` (steps) adds mid-epoch evaluations on the validation and test data, e.g.
     every 100 iterations to find the early-stopping iteration (Frankle & Carbin 2019).
+
+    ``health`` guards against a run that learned nothing yet reports "complete": after the
+    first epoch the training loss of its second half must be below chance (the entropy of the
+    labels seen), and the final accuracy must beat always predicting the most common class.
+    ``"error"`` raises :class:`~secateurs.errors.TrainingHealthError`, ``"mark"`` records the
+    verdict in :attr:`Trainer.health` and the epoch record and goes on, ``"off"`` skips it.
     """
 
     epochs: int
@@ -141,6 +147,7 @@ class TrainConfig:
     loss_check_every: int = 50
     label_smoothing: float = 0.0
     eval_every: int | None = None
+    health: str = "error"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "optimizer", _coerce(OptimizerConfig, self.optimizer, "TrainConfig.optimizer"))
@@ -178,6 +185,11 @@ class TrainConfig:
             self.eval_every is None
             or (isinstance(self.eval_every, int) and not isinstance(self.eval_every, bool) and self.eval_every >= 1),
             f"TrainConfig.eval_every must be None (evaluate per epoch only) or an integer >= 1 (steps), got {self.eval_every!r}",
+        )
+        _require(
+            self.health in ("error", "mark", "off"),
+            f"TrainConfig.health must be 'error' (a phase that learns nothing stops), 'mark' (it is recorded in the "
+            f"history and training goes on) or 'off', got {self.health!r}",
         )
         _require(
             self.lr_schedule.min_lr <= self.optimizer.lr,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import CheckpointError, ConfigError, NonFiniteLossError
+from ..errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingHealthError
 from .checkpoint import (
     FORMAT,
     FORMAT_VERSION,
@@ -78,13 +78,15 @@ def evaluate(
     model: nn.Module, data: Iterable, *, device: torch.device | None = None, autocast=contextlib.nullcontext
 ) -> dict:
     """Mean cross-entropy and accuracy of ``model`` over ``(x, y)`` batches, in eval mode (the
-    model's mode is restored); one host sync at the end."""
+    model's mode is restored); one host sync at the end. ``majority`` is the accuracy of always
+    predicting the most common class of these labels: the chance level to beat."""
     device = device if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     count = 0
+    labels = None
     try:
         for x, y in data:
             x = x.to(device, non_blocking=True)
@@ -93,12 +95,16 @@ def evaluate(
                 logits = model(x)
                 loss_sum += F.cross_entropy(logits, y, reduction="sum").float()
             correct += (logits.argmax(dim=1) == y).sum()
+            if labels is None:
+                labels = torch.zeros(logits.shape[1], dtype=torch.long, device=device)
+            labels.index_add_(0, y, torch.ones_like(y))
             count += y.shape[0]
     finally:
         model.train(was_training)
     if count == 0:
-        return {"loss": float("nan"), "acc": float("nan")}
-    return {"loss": (loss_sum / count).item(), "acc": correct.item() / count}
+        return {"loss": float("nan"), "acc": float("nan"), "majority": float("nan")}
+    loss, acc, top = torch.stack([loss_sum / count, correct.float(), labels.max().float()]).tolist()
+    return {"loss": loss, "acc": acc / count, "majority": top / count}
 
 
 class Trainer:
@@ -147,6 +153,8 @@ class Trainer:
         self.state = TrainState()
         self.history: list[dict] = []
         self.evaluations: list[dict] = []
+        self.health: str | None = None  # why this phase failed the health check ("mark" mode)
+        self._majority: float | None = None
         if start_step:
             self._start_at(start_step)
         self._amp = cfg.amp and self.device.type == "cuda"
@@ -181,10 +189,12 @@ class Trainer:
             if self.eval_data is not None:
                 metrics = self.evaluate(self.eval_data)
                 record.update(test_loss=metrics["loss"], test_acc=metrics["acc"])
+                self._majority = metrics["majority"]
             if self.val_data is not None:
                 metrics = self.evaluate(self.val_data)
                 record.update(val_loss=metrics["loss"], val_acc=metrics["acc"])
             record["time_s"] = time.perf_counter() - start
+            self._check_health(record, last=self.state.epoch == self.cfg.epochs)
             self.history.append(record)
             if self.checkpoint_path is not None:
                 save_checkpoint(self.checkpoint_path, self.state_dict())
@@ -220,6 +230,12 @@ class Trainer:
         pending = 0  # losses in the buffer not yet checked
         # normally a whole epoch; fewer steps when the run started mid-epoch (start_step)
         steps = epoch * self.steps_per_epoch - self.state.step
+        # the health check's view of the first epoch: the loss of its second half, and the
+        # labels seen (their entropy is the loss of a model that learned only the class prior)
+        watch = epoch == 1 and self.cfg.health != "off"
+        late_from = steps // 2
+        late_sum = torch.zeros((), device=self.device)
+        labels = None
         bar = tqdm(
             total=steps, desc=f"{self.progress_desc} {epoch}/{self.cfg.epochs}",
             disable=not self.progress, leave=False, dynamic_ncols=True,
@@ -235,6 +251,12 @@ class Trainer:
                 loss_sum += loss.float() * y.shape[0]
                 correct += (logits.argmax(dim=1) == y).sum()
                 count += y.shape[0]
+                if watch:
+                    if batch > late_from:
+                        late_sum += loss.float()
+                    if labels is None:
+                        labels = torch.zeros(logits.shape[-1], dtype=torch.long, device=self.device)
+                    labels.index_add_(0, y, torch.ones_like(y))  # bincount would sync on CUDA
                 bar.update(1)
                 if pending == len(self._loss_buf):
                     self._check_losses(pending, epoch, batch, bar, loss_sum, correct, count)
@@ -253,7 +275,7 @@ class Trainer:
         if count == 0:
             raise ConfigError("train_data yielded no batches this epoch; check the dataset and batch size")
         self.state.epoch = epoch
-        return {
+        record = {
             "epoch": epoch,
             "step": self.state.step,
             "train_loss": (loss_sum / count).item(),
@@ -262,6 +284,51 @@ class Trainer:
             "test_acc": None,
             "lr": self.optimizer.param_groups[0]["lr"],
         }
+        if watch and labels is not None:
+            share = labels.double() / labels.sum()
+            entropy = -(share[share > 0] * share[share > 0].log()).sum()
+            late = batch - late_from
+            record["_health"] = {"late_loss": (late_sum / max(late, 1)).item(), "late_steps": late,
+                                 "chance_loss": entropy.item()}
+        return record
+
+    #: Steps the second half of the first epoch needs before its loss is judged: fewer are too
+    #: noisy to call a run stuck (tiny smoke runs are judged by their final accuracy only).
+    HEALTH_MIN_STEPS = 10
+
+    def _check_health(self, record: dict, last: bool) -> None:
+        """Fail (or mark) a phase that learned nothing. After the first epoch, the mean loss
+        of its second half must be below 98% of chance (the entropy of the labels: what a
+        model that learned only the class frequencies scores). At the end, the accuracy on
+        the evaluation data must beat always predicting its most common class."""
+        first = record.pop("_health", None)
+        if self.cfg.health == "off" or self.health is not None:
+            return
+        problem = None
+        if first is not None and first["late_steps"] >= self.HEALTH_MIN_STEPS and first["late_loss"] >= 0.98 * first["chance_loss"]:
+            problem = (
+                f"after epoch 1 the training loss is {first['late_loss']:.4f} (mean of its last {first['late_steps']} steps), "
+                f"not below chance ({first['chance_loss']:.4f}, the entropy of the labels): the network is learning nothing"
+            )
+        elif last and record.get("test_acc") is not None and self.eval_data is not None:
+            majority = self._majority
+            if majority is not None and record["test_acc"] <= majority + 0.005:
+                problem = (
+                    f"training ended at test accuracy {100 * record['test_acc']:.2f}%, no better than always predicting "
+                    f"the most common class ({100 * majority:.2f}%)"
+                )
+        if problem is None:
+            return
+        if self.cfg.health == "mark":
+            self.health = problem
+            record["health"] = problem
+            return
+        raise TrainingHealthError(
+            f"{self.progress_desc}: {problem}. Likely causes: a learning rate too high for this model "
+            f"(optimizer.lr={self.cfg.optimizer.lr}; try {self.cfg.optimizer.lr / 10:g}) or too low, dead ReLUs after "
+            "a bad initialisation, or a mask so sparse that no signal gets through. If this is the result you are "
+            "measuring (e.g. layer collapse at extreme sparsity), set the phase's health: mark to record it and go on"
+        )
 
     def _check_losses(self, pending: int, epoch: int, batch: int, bar, loss_sum, correct, count: int) -> None:
         """Check the last ``pending`` losses at once (one host sync) and refresh the bar."""
@@ -291,7 +358,8 @@ class Trainer:
         raise NonFiniteLossError(
             f"loss became {value} at global step {step} (epoch {epoch}, batch {batch}/{self.steps_per_epoch}); "
             f"{kept}. Lower the learning rate (OptimizerConfig.lr={self.cfg.optimizer.lr}) or enable "
-            f"TrainConfig.grad_clip (now {self.cfg.grad_clip}), then resume or restart."
+            f"TrainConfig.grad_clip (now {self.cfg.grad_clip}), then restart the phase from the weights it started "
+            "from (resuming its checkpoint would restore the learning rate saved in it)."
         )
 
     # --------------------------------------------------------------- evaluation
@@ -322,6 +390,7 @@ class Trainer:
             "train_state": dataclasses.asdict(self.state),
             "history": [dict(r) for r in self.history],
             "evaluations": [dict(r) for r in self.evaluations],
+            "health": self.health,
             "rng": rng_state(),
             "config": dataclasses.asdict(self.cfg),
         }
@@ -361,6 +430,7 @@ class Trainer:
         self.state = TrainState(**state["train_state"])
         self.history = [dict(r) for r in state.get("history", [])]
         self.evaluations = [dict(r) for r in state.get("evaluations", [])]
+        self.health = state.get("health")
         set_rng_state(state["rng"])
 
     def resume(self, path: str | Path | None = None) -> bool:
