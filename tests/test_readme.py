@@ -13,7 +13,8 @@ above the opening fence (invisible on GitHub) says how the test runs it::
   (OLD must occur in the block, so a stale annotation fails);
 * ``check=NAME``: run these assertions (``CHECKS`` below) on the namespace afterwards.
 
-A block without an annotation runs exactly as printed. A failure names the README line. Hugging Face models are built from configs with random weights: nothing downloads.
+A block without an annotation runs exactly as printed. A failure names the README line.
+Hugging Face models are built from configs with random weights: nothing downloads.
 
 **Command lines.** A line of a ```bash block that starts with ``secateurs``, ``make`` or
 ``python`` either has an entry in ``COMMANDS`` (run in-process with overrides that make it
@@ -241,6 +242,13 @@ def test_every_python_block_is_parsed():
     fences = re.findall(r"^[ \t]*```python[ \t]*$", TEXT, flags=re.M)
     assert len(PYTHON) == len(fences) > 0
     assert {b.lang for b in BLOCKS} <= {"", "python", "bash"}, "a block in another language would go untested"
+    lines = TEXT.splitlines()
+    for i, line in enumerate(lines):
+        if "readme-test" in line:
+            assert ANNOTATION.match(line), f"README.md:{i + 1}: malformed annotation (<!-- readme-test: ... -->)"
+            after = lines[i + 1] if i + 1 < len(lines) else ""
+            assert ANNOTATION.match(after) or after.strip() == "```python", \
+                f"README.md:{i + 1}: an annotation must sit right above a ```python fence"
 
 
 def test_a_block_without_annotation_runs_as_printed():
@@ -264,6 +272,12 @@ def test_every_prelude_and_check_is_used():
     assert {n for b in PYTHON for n in b.checks} == set(CHECKS)
 
 
+def run_source(source: str, filename: str, namespace: dict) -> None:
+    """exec with the source registered, so that a traceback shows the failing line."""
+    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
+    exec(compile(source, filename, "exec"), namespace)
+
+
 @pytest.mark.parametrize("block", PYTHON, ids=[f"python-L{b.line}" for b in PYTHON])
 def test_python_block_runs(block, tmp_path, monkeypatch):
     unknown = [n for n in block.setups if n not in PRELUDES] + [n for n in block.checks if n not in CHECKS]
@@ -272,12 +286,10 @@ def test_python_block_runs(block, tmp_path, monkeypatch):
     torch.manual_seed(0)
     namespace = {"__name__": "__readme__"}
     for name in block.setups:
-        exec(compile(PRELUDES[name], f"<prelude {name}>", "exec"), namespace)
-    source = prepared_source(block)
+        run_source(PRELUDES[name], f"<prelude {name}>", namespace)
     filename = f"<README.md block at line {block.line}>"
-    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
     try:
-        exec(compile(source, filename, "exec"), namespace)
+        run_source(prepared_source(block), filename, namespace)
     except Exception as error:
         tb, line = error.__traceback__, None
         while tb is not None:
@@ -286,7 +298,7 @@ def test_python_block_runs(block, tmp_path, monkeypatch):
             tb = tb.tb_next
         raise AssertionError(f"README.md:{line}: {type(error).__name__}: {error}") from error
     for name in block.checks:
-        exec(compile(CHECKS[name], f"<check {name}>", "exec"), namespace)
+        run_source(CHECKS[name], f"<check {name}>", namespace)
 
 
 def test_imports_named_in_the_prose_work():
