@@ -17,8 +17,8 @@ A block without an annotation runs exactly as printed. A failure names the READM
 Hugging Face models are built from configs with random weights: nothing downloads.
 
 **Command lines.** A line of a ```bash block that starts with ``secateurs``, ``make`` or
-``python`` either has an entry in ``COMMANDS`` (run in-process with overrides that make it
-take seconds: tiny subsets of the datasets written to tmp, one epoch, one seed, run
+``python`` either has an entry in ``COMMANDS`` (run in-process with ``--set`` / flag overrides that
+make it take seconds: tiny subsets of the datasets written to tmp, one epoch, one seed, run
 directories in tmp), or ends in a comment with its measured time (``# ... ~70 s``), which marks
 it long. ``test_every_command_line_is_run_or_marked_long`` checks that the two sets cover the
 README exactly.
@@ -354,15 +354,6 @@ class Cli:
             pytest.skip(f"{name} is not installed: sudo apt-get install dataset-fashion-mnist")
         return str(root)
 
-    def config(self, name: str, edits: dict) -> str:
-        """A copy of configs/NAME in tmp with dotted keys replaced (for commands without --set)."""
-        from secateurs.experiments.config import apply_overrides
-
-        data = yaml.safe_load((REPO / "configs" / name).read_text())
-        path = self.tmp / name
-        path.write_text(yaml.safe_dump(apply_overrides(data, edits)))
-        return str(path)
-
     def __call__(self, command: str, *extra: str, replace: dict | None = None) -> str:
         from secateurs.cli import main
 
@@ -387,9 +378,13 @@ def cli(tmp_path, tiny, capsys, monkeypatch):
 QUIET = ["--no-progress"]
 
 
+def sets(*items: str) -> list[str]:
+    return [a for item in items for a in ("--set", item)]
+
+
 def run_demo(cli: Cli, command: str) -> Path:
-    out = cli(command, "--set", f"data.root={cli.data('mnist')}", "--set", "train.epochs=1",
-              "--set", "finetune.epochs=1", "--runs-dir", str(cli.runs), *QUIET)
+    out = cli(command, *sets(f"data.root={cli.data('mnist')}", "train.epochs=1", "finetune.epochs=1"),
+              "--runs-dir", str(cli.runs), *QUIET)
     assert "lenet300_100 on mnist — complete" in out
     (run,) = cli.runs.iterdir()
     return run
@@ -449,28 +444,26 @@ def cmd_train_cfg(cli, command):
 
 
 def cmd_compare(cli, command):
-    # `secateurs compare` takes no --set yet: a copy of the config, one seed, one epoch, one level
+    # one seed, one epoch, one level; every variant, with a mask update every 4 steps
     variants = yaml.safe_load((REPO / "configs/dst_lenet5_fashion.yaml").read_text())["variants"]
-    cfg = cli.config("dst_lenet5_fashion.yaml", {
-        "seeds": [0], "base.train.epochs": 1, "base.train.lr_schedule": {"name": "constant"},
-        "base.prune.sparsities": [0.9], "variants": [{**v, "params": {**v["params"], "every": 4}} for v in variants]})
-    out = cli(command, "--data-root", cli.data("fashion-mnist"), "--runs-dir", str(cli.runs), *QUIET,
-              replace={"configs/dst_lenet5_fashion.yaml": cfg})
-    assert "INCOMPLETE" not in out and "GraNet (s_i=0.5)" in out
+    variants = [{**v, "params": {**v["params"], "every": 4}} for v in variants]
+    flow = yaml.safe_dump(variants, default_flow_style=True, width=1 << 20).strip()
+    out = cli(command, *sets("seeds=[0]", "base.train.epochs=1", "base.train.lr_schedule={name: constant}",
+                             "base.prune.sparsities=[0.9]", f"variants={flow}"),
+              "--data-root", cli.data("fashion-mnist"), "--runs-dir", str(cli.runs), *QUIET)
+    assert "INCOMPLETE" not in out and all(v["label"] in out for v in variants)
 
 
 def cmd_plasticity(cli, command):
-    # `secateurs plasticity` takes no --set yet: a copy of the config, two epochs, two cells
-    cfg = cli.config("plasticity_lenet300_fashion.yaml", {
-        "prune_epochs": [1], "ratios": [0.5, 0.9], "continue_epochs": 1, "regeneration.every": 4,
-        "base.train.epochs": 2, "base.train.lr_schedule": {"name": "constant"},
-        "base.data.root": cli.data("fashion-mnist")})
-    out = cli(command, "--runs-dir", str(cli.runs), *QUIET, replace={"configs/plasticity_lenet300_fashion.yaml": cfg})
-    assert "accuracy change" in out
+    # two epochs, prune after the first by 50% or 90%, continue one epoch
+    out = cli(command, *sets("prune_epochs=[1]", "ratios=[0.5, 0.9]", "continue_epochs=1", "regeneration.every=4",
+                             "base.train.epochs=2", "base.train.lr_schedule={name: constant}"),
+              "--data-root", cli.data("fashion-mnist"), "--runs-dir", str(cli.runs), *QUIET)
+    assert "accuracy change" in out and "| 1 (0.1) |" in out
 
 
-LOTTERY_FAST = ["--set", "lottery.rounds=2", "--set", "train.epochs=1", "--set", "data.validation=512",
-                "--set", "train.eval_every=8", "--set", "lottery.supermask.sparsities=[0.5]"]
+LOTTERY_FAST = sets("lottery.rounds=2", "train.epochs=1", "data.validation=512", "train.eval_every=8",
+                    "lottery.supermask.sparsities=[0.5]")
 
 
 def cmd_lottery(cli, command):
@@ -479,10 +472,9 @@ def cmd_lottery(cli, command):
     assert "INCOMPLETE" not in out
 
 
-def single_run(dataset, *sets):
+def single_run(dataset, *overrides):
     def run(cli, command):
-        extra = [a for s in sets for a in ("--set", s)]
-        out = cli(command, *extra, "--data-root", cli.data(dataset), "--runs-dir", str(cli.runs), *QUIET)
+        out = cli(command, *sets(*overrides), "--data-root", cli.data(dataset), "--runs-dir", str(cli.runs), *QUIET)
         assert "wrote" in out
     return run
 
