@@ -18,7 +18,7 @@ def from_dict(cls: type, data: Mapping[str, Any] | None, where: str = "") -> Any
     """Build dataclass ``cls`` from a mapping, recursively, rejecting unknown keys."""
     data = {} if data is None else data
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{where.rstrip('.') or 'config'} must be a mapping of keys, got {type(data).__name__} {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:

@@ -300,6 +300,8 @@ def read_yaml(path: str | Path, what: str = "config", example: str = "configs/")
     """A YAML file as a dict; a missing, empty or malformed file, or one with a key given
     twice, is one clear ConfigError."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} file {path} is a directory; pass a YAML file (see {example} for examples)")
     if not path.is_file():
         raise ConfigError(f"{what} file {path} does not exist; see {example} for examples")
     try:
