@@ -311,7 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     one = sub.add_parser("oneshot", help="prune a local Hugging Face causal LM with magnitude / Wanda / SparseGPT; perplexity before and after")
     one.add_argument("--model", required=True, help="local model directory (from_pretrained; never downloads)")
-    one.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
+    from .methods.oneshot import METHODS_ONESHOT
+
+    one.add_argument("--method", default="wanda", choices=list(METHODS_ONESHOT))
     one.add_argument("--sparsity", type=float, default=0.5, help="unstructured sparsity (default 0.5)")
     one.add_argument("--nm", help="N:M pattern instead, e.g. 2:4")
     one.add_argument("--text", help="registered text corpus for calibration and evaluation (secateurs list)")
@@ -319,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     one.add_argument("--eval", help="held-out text file for perplexity")
     one.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default 128)")
     one.add_argument("--seqlen", type=int, default=128, help="tokens per sequence (default 128)")
-    one.add_argument("--group", default="row", choices=["row", "tensor"], help="where magnitude / Wanda compare weights")
+    one.add_argument("--group", choices=["row", "tensor"],
+                     help="where scores compare weights (default: the method's paper: row for magnitude / Wanda, tensor for RIA)")
     one.add_argument("--dampening", type=float, default=0.01, help="SparseGPT Hessian dampening (default 0.01)")
     one.add_argument("--blocks", help="module path of the model's block list (default: found)")
     one.add_argument("--seed", type=int, default=0)

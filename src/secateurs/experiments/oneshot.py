@@ -91,12 +91,13 @@ def _parse_nm(value: Optional[str]) -> Optional[tuple[int, int]]:
 def run_oneshot(args) -> dict:
     import transformers
 
-    from ..methods.oneshot import calibration_samples, perplexity, prune_oneshot
+    from ..methods.oneshot import calibration_samples, default_group, perplexity, prune_oneshot
 
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"--model {args.model}: no config.json there; give a local Hugging Face model directory")
     nm = _parse_nm(args.nm)
+    group = args.group or default_group(args.method)
     if nm is None:
         check_sparsity(args.sparsity)
     if args.text is None and args.calib is None:
@@ -106,7 +107,7 @@ def run_oneshot(args) -> dict:
     config = OneShotConfig(
         name=f"oneshot-{model_dir.name}-{args.method}", model=str(model_dir.resolve()), method=args.method,
         sparsity=args.sparsity if nm is None else 1.0 - nm[0] / nm[1], nm=args.nm, text=args.text,
-        calib=args.calib, eval=args.eval, nsamples=args.nsamples, seqlen=args.seqlen, group=args.group,
+        calib=args.calib, eval=args.eval, nsamples=args.nsamples, seqlen=args.seqlen, group=group,
         dampening=args.dampening, blocks=args.blocks, seed=args.seed,
     )
     run = RunDir.for_config(config, args.runs_dir)
@@ -130,7 +131,7 @@ def run_oneshot(args) -> dict:
         samples = calibration_samples(calib_ids, args.nsamples, args.seqlen, args.seed)
         before = perplexity(model, eval_ids, args.seqlen)
         t0 = time.perf_counter()
-        result = prune_oneshot(model, samples, args.method, config.sparsity, nm=nm, group=args.group,
+        result = prune_oneshot(model, samples, args.method, config.sparsity, nm=nm, group=group,
                                blocks=args.blocks, dampening=args.dampening, state_path=str(run.path / "state.pt"),
                                progress=not args.no_progress)
         seconds = time.perf_counter() - t0

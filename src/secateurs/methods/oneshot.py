@@ -5,6 +5,7 @@ SparseGPT, unstructured or N:M, one transformer block at a time.
 |---|---|---|
 | ``magnitude`` | ``|W|`` | each output row (or the whole tensor) |
 | ``wanda`` | ``|W_ij| * ||X_j||_2`` over the calibration tokens (Sun et al. 2024, Eq. 1) | each output row |
+| ``ria`` | ``(|W_ij| / sum_k |W_kj| + |W_ij| / sum_k |W_ik|) * ||X_j||_2^a``, ``a`` = 0.5 (relative importance and activations, Zhang et al. 2024, Eq. 3) | the whole tensor |
 | ``sparsegpt`` | OBS reconstruction: columns pruned left to right by ``w^2 / [H^-1]_jj^2``, the rest updated by ``-(w_j / [H^-1]_jj) H^-1_j,:`` (Frantar & Alistarh 2023, Alg. 1) | blocks of ``blocksize`` columns |
 
 Both data-driven methods need statistics of each layer's inputs, ``X`` (tokens x inputs):
@@ -16,8 +17,14 @@ the current block needs to sit on ``device``; activations live in one buffer of
 ``samples x tokens x hidden`` on the CPU. After each block the pruned weights are written to
 ``state_path`` (atomically), and a killed run resumes at the next unfinished block.
 
+Magnitude, Wanda and RIA are scores: each is one function of a :class:`ScoreContext` (the
+weight, its layout and the statistics the sequencer collected), registered in
+:data:`ONESHOT_SCORES`, ranked by the engine's :func:`~secateurs.engine.select` within the
+groups asked for. SparseGPT is not a score but a reconstruction (it changes the weights).
+
 We read the authors' reference code (``locuslab/wanda``, MIT; ``IST-DASLab/sparsegpt``,
-Apache-2.0) to match their algorithms; the implementation here is our own, over this
+Apache-2.0; ``biomedical-cybernetics/Relative-importance-and-activation-pruning``) to match
+their algorithms; the implementation here is our own, over this
 library's layer registry (``nn.Linear``, transformers' ``Conv1D``, any registered type).
 """
 from __future__ import annotations
@@ -38,13 +45,12 @@ from ..granularity import check_nm_config
 from ..layers import as_rows, from_rows, layer_type, notice
 from ..masks import unwrap_model
 from ..outputs import call_model, logits_of
+from ..registry import Registry
 
 __all__ = [
-    "METHODS_ONESHOT", "LayerStats", "wanda_scores", "sparsegpt_prune_", "find_blocks", "prune_oneshot",
-    "calibration_samples", "perplexity",
+    "METHODS_ONESHOT", "ONESHOT_SCORES", "ScoreContext", "LayerStats", "wanda_scores", "ria_scores",
+    "sparsegpt_prune_", "find_blocks", "prune_oneshot", "calibration_samples", "perplexity",
 ]
-
-METHODS_ONESHOT = ("magnitude", "wanda", "sparsegpt")
 
 
 # -- per-layer input statistics ---------------------------------------------------------------
@@ -82,6 +88,66 @@ def wanda_scores(weight: torch.Tensor, norms: torch.Tensor, output_axis: int = 0
     if rows.shape[1] != norms.numel():
         raise ConfigError(f"input norms have {norms.numel()} features but the weight has {rows.shape[1]} inputs")
     return from_rows(rows * norms.to(rows.device)[None, :], weight.shape, output_axis)
+
+
+def ria_scores(weight: torch.Tensor, norms: torch.Tensor, output_axis: int = 0, power: float = 0.5) -> torch.Tensor:
+    """Relative importance and activations (Zhang et al. 2024): a weight's share of its
+    output row's plus of its input column's total magnitude, times the input's norm to the
+    ``power``. Rows or columns that are all zero score 0. Shaped like ``weight``."""
+    rows = as_rows(weight.detach().abs().double(), output_axis)
+    if rows.shape[1] != norms.numel():
+        raise ConfigError(f"input norms have {norms.numel()} features but the weight has {rows.shape[1]} inputs")
+    tiny = torch.finfo(rows.dtype).tiny
+    relative = rows / rows.sum(1, keepdim=True).clamp_min(tiny) + rows / rows.sum(0, keepdim=True).clamp_min(tiny)
+    return from_rows(relative * norms.to(rows.device)[None, :] ** power, weight.shape, output_axis)
+
+
+@dataclass(frozen=True)
+class ScoreContext:
+    """What a one-shot score sees of one layer: its weight and layout, and the statistics of
+    its calibration inputs the sequencer collected once (None for data-free scores)."""
+
+    weight: torch.Tensor
+    output_axis: int
+    stats: LayerStats | None
+    name: str
+
+
+#: One-shot scores: ``fn(ctx: ScoreContext) -> scores`` shaped like the weight, higher = keep.
+#: ``fn.needs`` names the statistics it reads ("norms" or None); ``fn.group`` is where the
+#: method's paper compares weights ("row" or "tensor"), the default of ``prune_oneshot``.
+ONESHOT_SCORES: Registry[Callable[[ScoreContext], torch.Tensor]] = Registry("one-shot score")
+
+
+def _score(name: str, needs: str | None, group: str, description: str):
+    def register(fn):
+        fn.needs, fn.group = needs, group
+        return ONESHOT_SCORES.register(name, description)(fn)
+    return register
+
+
+@_score("magnitude", None, "row", "|W|, no data")
+def _magnitude(ctx: ScoreContext) -> torch.Tensor:
+    return ctx.weight.detach().abs()
+
+
+@_score("wanda", "norms", "row", "|W| times the input norm (Sun et al. 2024)")
+def _wanda(ctx: ScoreContext) -> torch.Tensor:
+    return wanda_scores(ctx.weight, ctx.stats.norms, ctx.output_axis)
+
+
+@_score("ria", "norms", "tensor", "relative importance times the input norm^0.5 (Zhang et al. 2024)")
+def _ria(ctx: ScoreContext) -> torch.Tensor:
+    return ria_scores(ctx.weight, ctx.stats.norms, ctx.output_axis)
+
+
+#: Every one-shot method: the registered scores, and SparseGPT's reconstruction.
+METHODS_ONESHOT = (*ONESHOT_SCORES.names(), "sparsegpt")
+
+
+def default_group(method: str) -> str:
+    """Where ``method`` compares weights by default: its paper's choice."""
+    return "tensor" if method == "sparsegpt" else ONESHOT_SCORES.get(method).group
 
 
 # -- SparseGPT --------------------------------------------------------------------------------
@@ -292,7 +358,7 @@ def prune_oneshot(
     sparsity: float = 0.5,
     *,
     nm: tuple[int, int] | None = None,
-    group: str = "row",
+    group: str | None = None,
     blocks: str | None = None,
     device: torch.device | str | None = None,
     dampening: float = 0.01,
@@ -308,7 +374,7 @@ def prune_oneshot(
     pruned blocks before it produce them; the block's outputs then become the next block's
     inputs. ``method``: magnitude, wanda or sparsegpt; ``nm=(2, 4)`` for N:M (layers whose
     fan-in does not split are left dense, as in the training-time N:M method); ``group``:
-    "row" (the papers' choice for magnitude and Wanda) or "tensor". Layers outside the blocks
+    "row" or "tensor" (default: the method's paper's choice, :func:`default_group`). Layers outside the blocks
     (embeddings, the output head) are not pruned. ``state_path``: after every block the pruned
     weights and masks so far are saved there atomically; if the file exists, those blocks are
     loaded instead of pruned again and the run resumes at the next one.
@@ -320,6 +386,8 @@ def prune_oneshot(
     else:
         n, m = check_nm_config(*nm)
         sparsity = 1.0 - n / m
+    if group is None:
+        group = default_group(method)
     if group not in ("row", "tensor"):
         raise ConfigError(f"group must be 'row' or 'tensor', got {group!r}")
     model = unwrap_model(model)
@@ -385,7 +453,8 @@ def _prune_block(block, prefix, layers, hidden, args, kwargs, device, method, sp
                  dampening, blocksize, state) -> None:
     stats: dict[str, LayerStats] = {}
     handles = []
-    if method != "magnitude":
+    score = ONESHOT_SCORES.get(method) if method != "sparsegpt" else None
+    if score is None or score.needs is not None:
         for name, layer in layers.items():
             kind = layer_type(layer)
             w = getattr(layer, kind.param)
@@ -411,7 +480,7 @@ def _prune_block(block, prefix, layers, hidden, args, kwargs, device, method, sp
         elif method == "sparsegpt":
             mask = sparsegpt_prune_(w, stats[name].hessian, sparsity, nm, blocksize, dampening, kind.output_axis, key)
         else:
-            scores = w.detach().abs() if method == "magnitude" else wanda_scores(w, stats[name].norms, kind.output_axis)
+            scores = score(ScoreContext(w, kind.output_axis, stats.get(name), key))
             mask = select(scores, sparsity, nm if nm is not None else group, kind.output_axis, key)
             w.mul_(mask.to(w.dtype))
         _check_count(key, mask, sparsity, nm, group if method != "sparsegpt" else "tensor", kind.output_axis, fan)
