@@ -1,4 +1,4 @@
-"""One-shot pruning of a small language model trained here: magnitude, Wanda and SparseGPT at
+"""One-shot pruning of a small language model trained here: magnitude, Wanda, RIA and SparseGPT at
 50% unstructured, 2:4 and 4:8, with a calibration-size ablation.
 
     apt-get install bible-kjv                      # the corpus: the King James Bible (public domain)
@@ -112,7 +112,7 @@ def main():
     rows = json.loads(results_path.read_text()) if results_path.is_file() else []
     done = {(r["method"], r["pattern"], r["nsamples"]) for r in rows}
     dense_ppl = perplexity(fresh(), test_ids, args.seqlen)
-    grid = [(m, pat, 128) for pat in ("50%", "2:4", "4:8") for m in ("magnitude", "wanda", "sparsegpt")]
+    grid = [(m, pat, 128) for pat in ("50%", "2:4", "4:8") for m in ("magnitude", "wanda", "ria", "sparsegpt")]
     grid += [(m, "50%", n) for m in ("wanda", "sparsegpt") for n in (8, 32)]
     grid += [(m, "2:4", n) for m in ("wanda", "sparsegpt") for n in (8, 32)]
     for method, pattern, n in grid:
@@ -132,7 +132,7 @@ def main():
     lines = [f"Dense: {training['parameters'] / 1e6:.1f}M parameters, test perplexity {dense_ppl:.2f} "
              f"({len(test_ids):,} test tokens; trained {len(training['history'])} epochs).", "",
              "| method | 50% | 2:4 | 4:8 | pass time (s, 50%) |", "|---|---|---|---|---|"]
-    for method in ("magnitude", "wanda", "sparsegpt"):
+    for method in ("magnitude", "wanda", "ria", "sparsegpt"):
         cell = {r["pattern"]: r for r in rows if r["method"] == method and r["nsamples"] == 128}
         lines.append(f"| {method} | {cell['50%']['ppl']:.2f} | {cell['2:4']['ppl']:.2f} | {cell['4:8']['ppl']:.2f} | "
                      f"{cell['50%']['seconds']:.1f} |")

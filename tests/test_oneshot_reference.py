@@ -92,3 +92,15 @@ def test_ria_compares_within_the_tensor_and_is_registered():
     assert torch.equal(result.masks["model.layers.0.self_attn.q_proj"], expected)
     rows = expected.sum(1)
     assert rows.min() != rows.max(), "tensor-wide: rows keep different counts"
+
+
+@pytest.mark.parametrize("impl", ["secateurs", "reference"])
+def test_the_benchmark_measures_one_pass_in_process(tmp_path, capsys, impl):
+    import json
+
+    from bench_oneshot import main
+
+    main(["--smoke", "--nsamples", "2", "--seqlen", "16", "--one", impl, "wanda", "2:4", "--masks", str(tmp_path / "m.pt")])
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["impl"] == impl and row["seconds"] > 0 and row["ppl"] > 1 and row["peak_added_mib"] >= 0
+    assert len(torch.load(tmp_path / "m.pt")) == 14
