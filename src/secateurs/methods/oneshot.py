@@ -377,7 +377,8 @@ def prune_oneshot(
     "row" or "tensor" (default: the method's paper's choice, :func:`default_group`). Layers outside the blocks
     (embeddings, the output head) are not pruned. ``state_path``: after every block the pruned
     weights and masks so far are saved there atomically; if the file exists, those blocks are
-    loaded instead of pruned again and the run resumes at the next one.
+    loaded instead of pruned again and the run resumes at the next one. A resumable run keeps a
+    host copy of the pruned layers' weights for that file; without ``state_path`` none is kept.
     """
     if method not in METHODS_ONESHOT:
         raise ConfigError(f"unknown one-shot method {method!r}; known: {', '.join(METHODS_ONESHOT)}")
@@ -398,7 +399,8 @@ def prune_oneshot(
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
     state = {"format": "secateurs.oneshot/1", "method": method, "sparsity": sparsity, "nm": nm,
-             "group": group, "blocks": path, "done": 0, "weights": {}, "masks": {}}
+             "group": group, "blocks": path, "done": 0, "weights": {}, "masks": {},
+             "keep_weights": state_path is not None}
     if state_path is not None and os.path.exists(state_path):
         saved = torch.load(state_path, map_location="cpu", weights_only=False)
         keys = ("format", "method", "sparsity", "nm", "group", "blocks")
@@ -414,6 +416,7 @@ def prune_oneshot(
     try:
         args, kwargs = _block_inputs(model, stack[0], samples)
         hidden = [a[0].to("cpu") for a in args]  # the bounded buffer: one hidden state per sample
+        args = [(None, *a[1:]) for a in args]  # the other arguments; the states live only in `hidden`
         bar = _progress(len(stack), progress)
         for b, block in enumerate(stack):
             t0 = _clock()
@@ -434,8 +437,8 @@ def prune_oneshot(
                     _save_state(state_path, state)
                 if on_block is not None:
                     on_block(b)
-            hidden = [_output_hidden(block(h.to(device), *a[1:], **_to(k, device))).to("cpu")
-                      for h, a, k in zip(hidden, args, kwargs)]
+            for i, (a, k) in enumerate(zip(args, kwargs)):  # in place: one buffer, never two
+                hidden[i] = _output_hidden(block(hidden[i].to(device), *a[1:], **_to(k, device))).to("cpu")
             block.to(home)
             times.append(_clock() - t0)
             bar.update(1)
@@ -485,7 +488,8 @@ def _prune_block(block, prefix, layers, hidden, args, kwargs, device, method, sp
             w.mul_(mask.to(w.dtype))
         _check_count(key, mask, sparsity, nm, group if method != "sparsegpt" else "tensor", kind.output_axis, fan)
         state["masks"][key] = mask.to("cpu")
-        state["weights"][key] = w.detach().to("cpu").clone()
+        if state.get("keep_weights", True):  # only a resumable run needs a copy of the pruned weights
+            state["weights"][key] = w.detach().to("cpu").clone()
     if misfits:
         notice(f"{nm[0]}:{nm[1]} left {len(misfits)} layer(s) of {prefix} dense (inputs per output not divisible by "
                f"{nm[1]}): {', '.join(misfits[:4])}")
