@@ -5,6 +5,7 @@ and of ``benchmarks/reference_oneshot.py`` (the authors' algorithms as their cod
 them) on the same model and calibration windows, each pass in a fresh process so its peak
 memory is its own. Reports held-out perplexity, the share of mask entries both agree on,
 the pass time and the peak resident memory the pass added over the loaded model and data.
+SparseGPT also runs with ``precision="float32"`` (the reference code's precision).
 
     python examples/oneshot_kjv.py --out runs/oneshot-kjv      # trains the model once
     python benchmarks/bench_oneshot.py --model runs/oneshot-kjv/dense --out benchmarks/results/oneshot.json
@@ -97,8 +98,9 @@ def one_pass(args) -> dict:
     nm = None if args.pattern == "50%" else tuple(int(v) for v in args.pattern.split(":"))
     with _PeakRSS() as memory:
         t0 = time.perf_counter()
-        if args.impl == "secateurs":
-            masks = prune_oneshot(model, samples, args.method, 0.5, nm=nm).masks
+        if args.impl.startswith("secateurs"):
+            precision = "float32" if args.impl == "secateurs-float32" else "float64"
+            masks = prune_oneshot(model, samples, args.method, 0.5, nm=nm, precision=precision).masks
         else:
             masks = reference_prune(model, samples, args.method, 0.5, nm=nm)
         seconds = time.perf_counter() - t0
@@ -130,7 +132,8 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for method, pattern in GRID:
             masks = {}
-            for impl in ("secateurs", "reference"):
+            impls = ("secateurs", "secateurs-float32", "reference") if method == "sparsegpt" else ("secateurs", "reference")
+            for impl in impls:
                 path = Path(tmp) / f"{impl}.pt"
                 cmd = [sys.executable, __file__, "--one", impl, method, pattern, "--masks", str(path),
                        "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed),
@@ -141,13 +144,12 @@ def main(argv=None) -> dict:
                                      env={**os.environ, "PYTHONWARNINGS": "ignore"})
                 rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
                 masks[impl] = torch.load(path)
-            same = sum(int((masks["secateurs"][k] == v).sum()) for k, v in masks["reference"].items())
             total = sum(v.numel() for v in masks["reference"].values())
-            for r in rows[-2:]:
-                r["mask_agreement"] = same / total
+            for r in rows[-len(impls):]:  # the share of mask entries that agree with the reference
+                r["mask_agreement"] = sum(int((masks[r["impl"]][k] == v).sum()) for k, v in masks["reference"].items()) / total
             print(f"{method} {pattern}: " + "; ".join(
-                f"{r['impl']} ppl {r['ppl']:.2f}, {r['seconds']:.1f} s, +{r['peak_added_mib']:.0f} MiB" for r in rows[-2:])
-                + f"; masks agree on {100 * same / total:.3f}%", flush=True)
+                f"{r['impl']} ppl {r['ppl']:.2f}, {r['seconds']:.1f} s, +{r['peak_added_mib']:.0f} MiB, "
+                f"masks {100 * r['mask_agreement']:.3f}%" for r in rows[-len(impls):]), flush=True)
     result = {"model": args.model or "smoke", "nsamples": args.nsamples, "seqlen": args.seqlen, "rows": rows}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

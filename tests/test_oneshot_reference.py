@@ -104,3 +104,29 @@ def test_the_benchmark_measures_one_pass_in_process(tmp_path, capsys, impl):
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["impl"] == impl and row["seconds"] > 0 and row["ppl"] > 1 and row["peak_added_mib"] >= 0
     assert len(torch.load(tmp_path / "m.pt")) == 14
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_float32_sparsegpt_keeps_exact_counts_and_the_float64_quality(nm):
+    samples = calibration_samples(_tokens(4000, 1), 8, 32)
+    held_out = _tokens(2048, 7)
+    a, b = _llama(), _llama()
+    r64 = prune_oneshot(a, samples, "sparsegpt", 0.5, nm=nm)
+    r32 = prune_oneshot(b, samples, "sparsegpt", 0.5, nm=nm, precision="float32")
+    assert r32.sparsity == r64.sparsity == 0.5  # the exact-count check ran on every layer
+    agree = sum(int((r32.masks[k] == v).sum()) for k, v in r64.masks.items()) / sum(v.numel() for v in r64.masks.values())
+    assert agree > 0.99
+    p64, p32 = perplexity(a, held_out, 32), perplexity(b, held_out, 32)
+    assert abs(p32 - p64) / p64 < 0.005
+
+
+def test_precision_is_checked_and_part_of_the_resume_state(tmp_path):
+    from secateurs.errors import CheckpointError, ConfigError
+
+    samples = calibration_samples(_tokens(4000, 1), 2, 16)
+    with pytest.raises(ConfigError, match="precision must be one of float64, float32"):
+        prune_oneshot(_llama(), samples, "sparsegpt", 0.5, precision="bf16")
+    state = tmp_path / "state.pt"
+    prune_oneshot(_llama(), samples, "sparsegpt", 0.5, state_path=str(state))
+    with pytest.raises(CheckpointError, match="another one-shot run"):
+        prune_oneshot(_llama(), samples, "sparsegpt", 0.5, state_path=str(state), precision="float32")

@@ -324,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     one.add_argument("--group", choices=["row", "tensor"],
                      help="where scores compare weights (default: the method's paper: row for magnitude / Wanda, tensor for RIA)")
     one.add_argument("--dampening", type=float, default=0.01, help="SparseGPT Hessian dampening (default 0.01)")
+    one.add_argument("--precision", default="float64", choices=["float64", "float32"],
+                     help="calibration statistics and SparseGPT solve (float32: half the memory; default float64)")
     one.add_argument("--blocks", help="module path of the model's block list (default: found)")
     one.add_argument("--seed", type=int, default=0)
     one.add_argument("--runs-dir", default="runs", help="where run directories are created (default: runs)")

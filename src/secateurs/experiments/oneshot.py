@@ -74,6 +74,7 @@ class OneShotConfig(HashedConfig):
     seqlen: int = 128
     group: str = "row"
     dampening: float = 0.01
+    precision: str = "float64"
     blocks: Optional[str] = None
     seed: int = 0
 
@@ -108,7 +109,7 @@ def run_oneshot(args) -> dict:
         name=f"oneshot-{model_dir.name}-{args.method}", model=str(model_dir.resolve()), method=args.method,
         sparsity=args.sparsity if nm is None else 1.0 - nm[0] / nm[1], nm=args.nm, text=args.text,
         calib=args.calib, eval=args.eval, nsamples=args.nsamples, seqlen=args.seqlen, group=group,
-        dampening=args.dampening, blocks=args.blocks, seed=args.seed,
+        dampening=args.dampening, blocks=args.blocks, seed=args.seed, precision=args.precision,
     )
     run = RunDir.for_config(config, args.runs_dir)
     if run.results().get("complete"):
@@ -132,7 +133,8 @@ def run_oneshot(args) -> dict:
         before = perplexity(model, eval_ids, args.seqlen)
         t0 = time.perf_counter()
         result = prune_oneshot(model, samples, args.method, config.sparsity, nm=nm, group=group,
-                               blocks=args.blocks, dampening=args.dampening, state_path=str(run.path / "state.pt"),
+                               blocks=args.blocks, dampening=args.dampening, precision=args.precision,
+                               state_path=str(run.path / "state.pt"),
                                progress=not args.no_progress)
         seconds = time.perf_counter() - t0
         after = perplexity(model, eval_ids, args.seqlen)

@@ -56,15 +56,17 @@ __all__ = [
 # -- per-layer input statistics ---------------------------------------------------------------
 class LayerStats:
     """Running statistics of one layer's inputs over calibration tokens: the squared norm of
-    every input feature (Wanda) and, if asked, ``H = 2 X^T X / n`` (SparseGPT), in float64."""
+    every input feature (Wanda) and, if asked, ``H = 2 X^T X / n`` (SparseGPT), in ``dtype``
+    (float64 by default; float32 halves the Hessians' memory, as the reference code does)."""
 
-    def __init__(self, features: int, hessian: bool, device: torch.device | str = "cpu"):
+    def __init__(self, features: int, hessian: bool, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float64):
         self.tokens = 0
-        self.sq = torch.zeros(features, dtype=torch.float64, device=device)
-        self.xtx = torch.zeros(features, features, dtype=torch.float64, device=device) if hessian else None
+        self.sq = torch.zeros(features, dtype=dtype, device=device)
+        self.xtx = torch.zeros(features, features, dtype=dtype, device=device) if hessian else None
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).double()
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.sq.dtype)
         self.tokens += x.shape[0]
         self.sq += (x * x).sum(0)
         if self.xtx is not None:
@@ -145,6 +147,10 @@ def _ria(ctx: ScoreContext) -> torch.Tensor:
 METHODS_ONESHOT = (*ONESHOT_SCORES.names(), "sparsegpt")
 
 
+#: Precision of the calibration statistics and of SparseGPT's solve.
+PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
+
+
 def default_group(method: str) -> str:
     """Where ``method`` compares weights by default: its paper's choice."""
     return "tensor" if method == "sparsegpt" else ONESHOT_SCORES.get(method).group
@@ -178,6 +184,7 @@ def sparsegpt_prune_(
     dampening: float = 0.01,
     output_axis: int = 0,
     name: str = "weight",
+    dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """Prune ``weight`` in place by SparseGPT and return its mask (True = kept).
 
@@ -187,10 +194,12 @@ def sparsegpt_prune_(
     spread over the columns to its right through the inverse Hessian's Cholesky factor; the
     block's accumulated error updates the later blocks at once (the lazy batch update).
     Inputs that never fired (zero Hessian diagonal) get weight 0 and count as pruned first.
+    ``dtype`` is the precision of the solve: float64 (default) or float32 (the reference
+    code's; half the memory, faster, and the same counts).
     """
     check_sparsity(sparsity)
     rows_view = as_rows(weight, output_axis)
-    w = rows_view.detach().double().clone()
+    w = rows_view.detach().to(dtype, copy=True)
     n_rows, cols = w.shape
     if hessian.shape != (cols, cols):
         raise ConfigError(f"{name}: Hessian of shape {tuple(hessian.shape)} for a layer with {cols} inputs")
@@ -200,7 +209,7 @@ def sparsegpt_prune_(
             raise ConfigError(f"{name} has {cols} inputs per output, not a multiple of m={m}; leave it dense")
         if blocksize % m:
             raise ConfigError(f"blocksize {blocksize} must be a multiple of m={m}")
-    h = hessian.double().clone()
+    h = hessian.to(dtype, copy=True)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -364,6 +373,7 @@ def prune_oneshot(
     dampening: float = 0.01,
     blocksize: int = 128,
     state_path: str | None = None,
+    precision: str = "float64",
     progress: bool = False,
     on_block: Callable[[int], None] | None = None,
 ) -> OneShotResult:
@@ -379,6 +389,8 @@ def prune_oneshot(
     weights and masks so far are saved there atomically; if the file exists, those blocks are
     loaded instead of pruned again and the run resumes at the next one. A resumable run keeps a
     host copy of the pruned layers' weights for that file; without ``state_path`` none is kept.
+    ``precision``: "float64" (default) or "float32" for the calibration statistics and
+    SparseGPT's solve; float32 halves the Hessians, as the reference code does.
     """
     if method not in METHODS_ONESHOT:
         raise ConfigError(f"unknown one-shot method {method!r}; known: {', '.join(METHODS_ONESHOT)}")
@@ -389,6 +401,8 @@ def prune_oneshot(
         sparsity = 1.0 - n / m
     if group is None:
         group = default_group(method)
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if group not in ("row", "tensor"):
         raise ConfigError(f"group must be 'row' or 'tensor', got {group!r}")
     model = unwrap_model(model)
@@ -400,10 +414,11 @@ def prune_oneshot(
     device = torch.device(device) if device is not None else home
     state = {"format": "secateurs.oneshot/1", "method": method, "sparsity": sparsity, "nm": nm,
              "group": group, "blocks": path, "done": 0, "weights": {}, "masks": {},
-             "keep_weights": state_path is not None}
+             "keep_weights": state_path is not None, "precision": precision}
     if state_path is not None and os.path.exists(state_path):
         saved = torch.load(state_path, map_location="cpu", weights_only=False)
-        keys = ("format", "method", "sparsity", "nm", "group", "blocks")
+        keys = ("format", "method", "sparsity", "nm", "group", "blocks", "precision")
+        saved.setdefault("precision", "float64")  # states written before the option existed
         if any(saved.get(k) != state[k] for k in keys):
             raise CheckpointError(
                 f"{state_path} is the state of another one-shot run "
@@ -431,7 +446,7 @@ def prune_oneshot(
                         getattr(layer, kind.param).copy_(state["weights"][key].to(device))
             else:
                 _prune_block(block, prefix, layers, hidden, args, kwargs, device, method, sparsity, nm, group,
-                             dampening, blocksize, state)
+                             dampening, blocksize, state, PRECISIONS[precision])
                 state["done"] = b + 1
                 if state_path is not None:
                     _save_state(state_path, state)
@@ -453,7 +468,7 @@ def prune_oneshot(
 
 
 def _prune_block(block, prefix, layers, hidden, args, kwargs, device, method, sparsity, nm, group,
-                 dampening, blocksize, state) -> None:
+                 dampening, blocksize, state, dtype) -> None:
     stats: dict[str, LayerStats] = {}
     handles = []
     score = ONESHOT_SCORES.get(method) if method != "sparsegpt" else None
@@ -462,7 +477,7 @@ def _prune_block(block, prefix, layers, hidden, args, kwargs, device, method, sp
             kind = layer_type(layer)
             w = getattr(layer, kind.param)
             features = w.numel() // w.shape[kind.output_axis]
-            stats[name] = LayerStats(features, hessian=method == "sparsegpt", device=device)
+            stats[name] = LayerStats(features, hessian=method == "sparsegpt", device=device, dtype=dtype)
             handles.append(layer.register_forward_hook(
                 lambda mod, inp, out, s=stats[name]: s.add(inp[0])))
         try:
@@ -481,7 +496,8 @@ def _prune_block(block, prefix, layers, hidden, args, kwargs, device, method, sp
             mask = torch.ones_like(w, dtype=torch.bool)  # stays dense, like the N:M method
             misfits.append(f"{key} ({fan} inputs)")
         elif method == "sparsegpt":
-            mask = sparsegpt_prune_(w, stats[name].hessian, sparsity, nm, blocksize, dampening, kind.output_axis, key)
+            mask = sparsegpt_prune_(w, stats[name].hessian, sparsity, nm, blocksize, dampening, kind.output_axis, key,
+                                    dtype=dtype)
         else:
             scores = score(ScoreContext(w, kind.output_axis, stats.get(name), key))
             mask = select(scores, sparsity, nm if nm is not None else group, kind.output_axis, key)
