@@ -119,10 +119,11 @@ def reference_prune(model: nn.Module, samples, method: str, sparsity: float = 0.
     """Prune ``model`` in place as the reference code would; returns the kept masks by layer."""
     model.eval()
     path, stack = find_blocks(model)
-    args, kwargs = _block_inputs(model, stack[0], list(samples))
-    inps = [a[0] for a in args]
+    inputs = _block_inputs(model, stack, list(samples))
+    inps = inputs.hidden
     masks = {}
     for b, block in enumerate(stack):
+        args, kwargs = inputs.args[b], inputs.kwargs[b]
         layers = _layers_of(block)
         stats, handles = {}, []
         for name, layer in layers.items():
@@ -131,7 +132,7 @@ def reference_prune(model: nn.Module, samples, method: str, sparsity: float = 0.
             stats[name] = _Scaler(cols) if method == "wanda" else _Hessian(cols)
             handles.append(layer.register_forward_hook(lambda mod, i, o, s=stats[name]: s.add(i[0])))
         for x, a, k in zip(inps, args, kwargs):
-            block(x, *a[1:], **_to(k, x.device))
+            block(x, *a, **_to(k, x.device))
         for h in handles:
             h.remove()
         for name, layer in layers.items():
@@ -145,5 +146,5 @@ def reference_prune(model: nn.Module, samples, method: str, sparsity: float = 0.
                 new, keep = _sparsegpt(w, stats[name].h, sparsity, nm)
             weight.copy_(_rows(new, kind.output_axis).to(weight.dtype))
             masks[f"{path}.{b}.{name}" if name else f"{path}.{b}"] = _rows(keep, kind.output_axis).clone()
-        inps = [_output_hidden(block(x, *a[1:], **_to(k, x.device))) for x, a, k in zip(inps, args, kwargs)]
+        inps = [_output_hidden(block(x, *a, **_to(k, x.device))) for x, a, k in zip(inps, args, kwargs)]
     return masks

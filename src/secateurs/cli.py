@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .methods.oneshot import METHODS_ONESHOT
 
     one.add_argument("--method", default="wanda", choices=list(METHODS_ONESHOT))
-    one.add_argument("--sparsity", type=float, default=0.5, help="unstructured sparsity (default 0.5)")
+    one.add_argument("--sparsity", type=float, help="unstructured sparsity (default 0.5; with --nm, implied by it)")
     one.add_argument("--nm", help="N:M pattern instead, e.g. 2:4")
     one.add_argument("--text", help="registered text corpus for calibration and evaluation (secateurs list)")
     one.add_argument("--calib", help="calibration text file (with --eval)")

@@ -109,6 +109,8 @@ def select(
 
     if isinstance(group, tuple):
         n, m = check_nm_config(*group)
+        if abs(sparsity - (1.0 - n / m)) > 1e-9:
+            raise ConfigError(f"sparsity {sparsity} contradicts the {n}:{m} group, which prunes exactly {1 - n / m:g}")
         return nm_mask(scores, n, m, name=name, output_axis=output_axis)
     check_sparsity(sparsity)
     if group == "tensor":

@@ -100,14 +100,23 @@ def run_oneshot(args) -> dict:
     nm = _parse_nm(args.nm)
     group = args.group or default_group(args.method)
     if nm is None:
-        check_sparsity(args.sparsity)
+        sparsity = 0.5 if args.sparsity is None else args.sparsity
+        check_sparsity(sparsity)
+    else:
+        if args.sparsity is not None and abs(args.sparsity - (1.0 - nm[0] / nm[1])) > 1e-9:
+            raise ConfigError(f"--sparsity {args.sparsity} contradicts --nm {args.nm}, which prunes exactly "
+                              f"{1 - nm[0] / nm[1]:g}; give one of them")
+        sparsity = 1.0 - nm[0] / nm[1]
+    if args.method == "sparsegpt" and group != "tensor":
+        raise ConfigError(f"--group {group} does not apply to sparsegpt, which chooses its mask over whole columns; "
+                          "leave --group unset")
     if args.text is None and args.calib is None:
         raise ConfigError("give calibration text: --text kjv (a registered corpus) or --calib FILE")
     if args.calib is not None and not args.eval:
         raise ConfigError("with --calib FILE, also give the held-out text: --eval FILE")
     config = OneShotConfig(
         name=f"oneshot-{model_dir.name}-{args.method}", model=str(model_dir.resolve()), method=args.method,
-        sparsity=args.sparsity if nm is None else 1.0 - nm[0] / nm[1], nm=args.nm, text=args.text,
+        sparsity=sparsity, nm=args.nm, text=args.text,
         calib=args.calib, eval=args.eval, nsamples=args.nsamples, seqlen=args.seqlen, group=group,
         dampening=args.dampening, blocks=args.blocks, seed=args.seed, precision=args.precision,
     )
@@ -141,7 +150,7 @@ def run_oneshot(args) -> dict:
         model.save_pretrained(run.path / "model")
         tokenizer.save_pretrained(run.path / "model")
         row = {
-            "method": args.method, "pattern": args.nm or f"{args.sparsity:.0%}", "sparsity": result.sparsity,
+            "method": args.method, "pattern": args.nm or f"{sparsity:.0%}", "sparsity": result.sparsity,
             "nsamples": args.nsamples, "perplexity_dense": before, "perplexity_pruned": after,
             "prune_seconds": seconds, "blocks": len(result.blocks), "eval_tokens": int(eval_ids.numel()),
         }

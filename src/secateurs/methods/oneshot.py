@@ -29,11 +29,12 @@ library's layer registry (``nn.Linear``, transformers' ``Conv1D``, any registere
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -41,11 +42,12 @@ from torch import nn
 from ..allocation import check_sparsity, keep_count
 from ..engine import select
 from ..errors import CheckpointError, ConfigError, SparsityMismatchError
-from ..granularity import check_nm_config
-from ..layers import as_rows, from_rows, layer_type, notice
+from ..granularity import check_nm_config, nm_mask
+from ..layers import as_rows, fan_in, from_rows, layer_type, notice, unregistered_matrix_modules
 from ..masks import unwrap_model
 from ..outputs import call_model, logits_of
 from ..registry import Registry
+from ..selection import topk_mask
 
 __all__ = [
     "METHODS_ONESHOT", "ONESHOT_SCORES", "ScoreContext", "LayerStats", "wanda_scores", "ria_scores",
@@ -60,12 +62,17 @@ class LayerStats:
     (float64 by default; float32 halves the Hessians' memory, as the reference code does)."""
 
     def __init__(self, features: int, hessian: bool, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float64):
-        self.tokens = 0
+                 dtype: torch.dtype = torch.float64, name: str = "layer"):
+        self.tokens, self.name, self.features = 0, name, features
         self.sq = torch.zeros(features, dtype=dtype, device=device)
         self.xtx = torch.zeros(features, features, dtype=dtype, device=device) if hessian else None
 
     def add(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.features:
+            raise ConfigError(
+                f"{self.name} has {self.features} input features but its input's last axis has {x.shape[-1]}; "
+                "its inputs do not carry their features last, so they cannot be scored from input statistics"
+            )
         x = x.detach().reshape(-1, x.shape[-1]).to(self.sq.dtype)
         self.tokens += x.shape[0]
         self.sq += (x * x).sum(0)
@@ -79,7 +86,7 @@ class LayerStats:
     @property
     def hessian(self) -> torch.Tensor:
         if self.xtx is None or self.tokens == 0:
-            raise ConfigError("no Hessian was collected for this layer (it saw no calibration tokens)")
+            raise ConfigError(f"no Hessian was collected for {self.name} (it saw no calibration tokens)")
         return 2.0 * self.xtx / self.tokens
 
 
@@ -228,14 +235,13 @@ def sparsegpt_prune_(
             n_prune = round(total_pruned * i2 / cols) - round(total_pruned * i1 / cols)
             saliency = (w1 ** 2) / (d[None, :] ** 2)
             saliency[:, dead[i1:i2]] = -1.0  # dead inputs go first
-            keep1 = select(saliency, 1.0 - n_prune / saliency.numel(), "tensor") if n_prune else torch.ones_like(w1, dtype=torch.bool)
+            keep1 = topk_mask(saliency, saliency.numel() - n_prune)
         else:
             keep1 = torch.ones_like(w1, dtype=torch.bool)
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:
                 part = (w1[:, i:i + nm[1]] ** 2) / (d[i:i + nm[1]][None, :] ** 2)
-                drop = torch.sort(part, dim=1, stable=True).indices[:, : nm[1] - nm[0]]
-                keep1[:, i:i + nm[1]].scatter_(1, drop, False)
+                keep1[:, i:i + nm[1]] = nm_mask(part, *nm, name=name)  # ties to the lowest index, as everywhere
             col = w1[:, i]
             q = torch.where(keep1[:, i], col, torch.zeros_like(col))
             q1[:, i] = q
@@ -265,44 +271,67 @@ def find_blocks(model: nn.Module, blocks: str | None = None) -> tuple[str, nn.Mo
         if not isinstance(found, (nn.ModuleList, nn.Sequential)) or not len(found):
             raise ConfigError(f"{blocks!r} is a {type(found).__name__}, not a non-empty ModuleList of blocks")
         return blocks, found
-    best: tuple[str, nn.ModuleList] | None = None
+    found: list[tuple[str, nn.ModuleList]] = []
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) and len({type(b) for b in module}) == 1:
             if any(layer_type(m) is not None for m in module[0].modules()):
-                if best is None or len(module) > len(best[1]):
-                    best = (name, module)
-    if best is None:
+                found.append((name, module))
+    # a stack nested in another (Swin's stages holding blocks) is part of the outer one
+    outer = [(n, m) for n, m in found if not any(n != o and n.startswith(f"{o}.") for o, _ in found)]
+    if not outer:
         raise ConfigError(
             f"{type(model).__name__} has no stack of repeated blocks the sequencer understands (it looks for an "
             "nn.ModuleList of one block class holding Linear / Conv1D layers); name it with blocks='path.to.list'"
         )
-    return best
+    if len(outer) > 1:
+        names = ", ".join(repr(n) for n, _ in outer)
+        raise ConfigError(
+            f"{type(model).__name__} has {len(outer)} separate stacks of blocks ({names}), e.g. an encoder and a "
+            "decoder; the sequencer prunes one stack per pass, so name it with blocks=... (and run once per stack)"
+        )
+    return outer[0]
 
 
-class _Stop(Exception):
+class _Stop(BaseException):  # not an Exception: a model's own `except Exception` must not swallow it
     pass
 
 
-def _block_inputs(model: nn.Module, first: nn.Module, samples: Sequence[Any]) -> tuple[list[tuple], list[dict]]:
-    """The positional and keyword arguments the first block receives for every sample,
-    captured by a pre-hook that stops the forward there (nothing after it runs)."""
-    args_seen: list[tuple] = []
-    kwargs_seen: list[dict] = []
+@dataclass
+class _BlockInputs:
+    """What the sequencer feeds the blocks: the first block's hidden state per sample, and
+    for every block and sample the other arguments the model passes it (attention masks,
+    rotary embeddings, ...: they may differ per block, e.g. sliding-window layers)."""
 
-    def hook(module, args, kwargs):
-        kwargs = dict(kwargs)
-        if not args and isinstance(kwargs.get("hidden_states"), torch.Tensor):
-            args = (kwargs.pop("hidden_states"),)  # passed by keyword: make it the first argument
-        if not args or not isinstance(args[0], torch.Tensor):
-            raise ConfigError(
-                f"the first block ({type(module).__name__}) was called without a hidden-state tensor as its first "
-                "argument or as hidden_states=; the sequencer cannot feed it"
-            )
-        args_seen.append(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
-        kwargs_seen.append(kwargs)
-        raise _Stop
+    hidden: list[torch.Tensor]
+    args: list[list[tuple]]  # [block][sample]: positional arguments after the hidden state
+    kwargs: list[list[dict]]  # [block][sample]
 
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+
+def _block_inputs(model: nn.Module, stack: nn.ModuleList, samples: Sequence[Any]) -> _BlockInputs:
+    """One dense forward per sample with a pre-hook on every block recording its arguments;
+    the forward stops at the last block (nothing after it runs)."""
+    seen = _BlockInputs([], [[] for _ in stack], [[] for _ in stack])
+    last = len(stack) - 1
+
+    def hook_for(b: int):
+        def hook(module, args, kwargs):
+            kwargs = dict(kwargs)
+            if not args and isinstance(kwargs.get("hidden_states"), torch.Tensor):
+                args = (kwargs.pop("hidden_states"),)  # passed by keyword: make it the first argument
+            if not args or not isinstance(args[0], torch.Tensor):
+                raise ConfigError(
+                    f"block {b} ({type(module).__name__}) was called without a hidden-state tensor as its first "
+                    "argument or as hidden_states=; the sequencer cannot feed it"
+                )
+            if b == 0:
+                seen.hidden.append(args[0].detach())
+            seen.args[b].append(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[1:]))
+            seen.kwargs[b].append({k: None if type(v).__name__.endswith("Cache") else v for k, v in kwargs.items()})
+            if b == last:
+                raise _Stop
+        return hook
+
+    handles = [block.register_forward_pre_hook(hook_for(b), with_kwargs=True) for b, block in enumerate(stack)]
     config = getattr(model, "config", None)
     cached = getattr(config, "use_cache", None)
     if cached is not None:
@@ -314,16 +343,18 @@ def _block_inputs(model: nn.Module, first: nn.Module, samples: Sequence[Any]) ->
             except _Stop:
                 pass
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         if cached is not None:
             config.use_cache = cached
-    for kw in kwargs_seen:
-        for k, v in list(kw.items()):
-            if type(v).__name__.endswith("Cache"):
-                kw[k] = None
-    if len(args_seen) != len(samples):
-        raise ConfigError("the first block was not called for every calibration sample; check `blocks`")
-    return args_seen, kwargs_seen
+    for b, calls in enumerate(seen.args):
+        if len(calls) != len(samples):
+            raise ConfigError(
+                f"block {b} was called {len(calls)} times for {len(samples)} calibration samples (a block that is "
+                "skipped or called twice, e.g. layer drop or shared blocks); the sequencer needs every block once "
+                "per sample: check `blocks` and put the model in eval mode"
+            )
+    return seen
 
 
 def _output_hidden(out: Any) -> torch.Tensor:
@@ -336,6 +367,21 @@ def _output_hidden(out: Any) -> torch.Tensor:
 
 def _layers_of(block: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in block.named_modules() if layer_type(m) is not None}
+
+
+def _fingerprint(samples: Sequence[Any]) -> str:
+    """A short hash of the calibration samples, so a resumed run refuses other data."""
+    digest = hashlib.sha256()
+    for sample in samples:
+        items = sample.items() if isinstance(sample, Mapping) else [("", sample)]
+        for key, value in sorted(items, key=lambda kv: kv[0]):
+            digest.update(key.encode())
+            if isinstance(value, torch.Tensor):
+                digest.update(str((tuple(value.shape), value.dtype)).encode())
+                digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+            else:
+                digest.update(repr(value).encode())
+    return digest.hexdigest()[:16]
 
 
 @dataclass
@@ -364,7 +410,7 @@ def prune_oneshot(
     model: nn.Module,
     samples: Iterable[Any],
     method: str = "wanda",
-    sparsity: float = 0.5,
+    sparsity: float | None = None,
     *,
     nm: tuple[int, int] | None = None,
     group: str | None = None,
@@ -395,12 +441,24 @@ def prune_oneshot(
     if method not in METHODS_ONESHOT:
         raise ConfigError(f"unknown one-shot method {method!r}; known: {', '.join(METHODS_ONESHOT)}")
     if nm is None:
+        if sparsity is None:
+            raise ConfigError("give the sparsity to prune to (e.g. 0.5), or an N:M pattern with nm=(2, 4)")
         check_sparsity(sparsity)
     else:
         n, m = check_nm_config(*nm)
+        if sparsity is not None and abs(sparsity - (1.0 - n / m)) > 1e-9:
+            raise ConfigError(
+                f"sparsity={sparsity} contradicts nm=({n}, {m}), which prunes exactly {1 - n / m:g}; drop sparsity "
+                "or the N:M pattern"
+            )
         sparsity = 1.0 - n / m
     if group is None:
         group = default_group(method)
+    if method == "sparsegpt" and group != "tensor":
+        raise ConfigError(
+            f"SparseGPT chooses its mask block by block over whole columns of the weight; group={group!r} is not "
+            "supported for it (leave group unset)"
+        )
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if group not in ("row", "tensor"):
@@ -409,16 +467,25 @@ def prune_oneshot(
     samples = list(samples)
     if not samples:
         raise ConfigError("prune_oneshot needs at least one calibration sample")
+    odd = next((s for s in samples if not isinstance(s, (torch.Tensor, Mapping))), None)
+    if odd is not None:
+        raise ConfigError(
+            f"a calibration sample is a {type(odd).__name__}; give token tensors ([1, seq]) or mappings of model "
+            "inputs such as {'input_ids': x, 'attention_mask': m} (a tuple would be passed as positional arguments)"
+        )
     path, stack = find_blocks(model, blocks)
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
     state = {"format": "secateurs.oneshot/1", "method": method, "sparsity": sparsity, "nm": nm,
              "group": group, "blocks": path, "done": 0, "weights": {}, "masks": {},
-             "keep_weights": state_path is not None, "precision": precision}
+             "keep_weights": state_path is not None, "precision": precision, "dampening": dampening,
+             "blocksize": blocksize, "samples": _fingerprint(samples)}
     if state_path is not None and os.path.exists(state_path):
         saved = torch.load(state_path, map_location="cpu", weights_only=False)
-        keys = ("format", "method", "sparsity", "nm", "group", "blocks", "precision")
-        saved.setdefault("precision", "float64")  # states written before the option existed
+        keys = ("format", "method", "sparsity", "nm", "group", "blocks", "precision", "dampening", "blocksize",
+                "samples")
+        for k in keys:  # states written before a key was recorded: as the defaults were then
+            saved.setdefault(k, {"precision": "float64", "dampening": 0.01, "blocksize": 128}.get(k, state[k]))
         if any(saved.get(k) != state[k] for k in keys):
             raise CheckpointError(
                 f"{state_path} is the state of another one-shot run "
@@ -429,21 +496,26 @@ def prune_oneshot(
     model.eval()
     times: list[float] = []
     try:
-        args, kwargs = _block_inputs(model, stack[0], samples)
-        hidden = [a[0].to("cpu") for a in args]  # the bounded buffer: one hidden state per sample
-        args = [(None, *a[1:]) for a in args]  # the other arguments; the states live only in `hidden`
+        inputs = _block_inputs(model, stack, samples)
+        hidden = [h.to("cpu") for h in inputs.hidden]  # the bounded buffer: one hidden state per sample
+        inputs.hidden = []  # the states live only in `hidden`
         bar = _progress(len(stack), progress)
         for b, block in enumerate(stack):
             t0 = _clock()
             block.to(device)
             prefix = f"{path}.{b}"
             layers = _layers_of(block)
+            args, kwargs = inputs.args[b], inputs.kwargs[b]
             if b < state["done"]:
                 for name, layer in layers.items():
                     key = f"{prefix}.{name}" if name else prefix
-                    if key in state["weights"]:
-                        kind = layer_type(layer)
-                        getattr(layer, kind.param).copy_(state["weights"][key].to(device))
+                    if key not in state["weights"]:
+                        raise CheckpointError(
+                            f"{state_path} has no weights for {key}, which block {b} holds; it was written for another "
+                            "model. Use a new state path"
+                        )
+                    kind = layer_type(layer)
+                    getattr(layer, kind.param).copy_(state["weights"][key].to(device))
             else:
                 _prune_block(block, prefix, layers, hidden, args, kwargs, device, method, sparsity, nm, group,
                              dampening, blocksize, state, PRECISIONS[precision])
@@ -453,7 +525,7 @@ def prune_oneshot(
                 if on_block is not None:
                     on_block(b)
             for i, (a, k) in enumerate(zip(args, kwargs)):  # in place: one buffer, never two
-                hidden[i] = _output_hidden(block(hidden[i].to(device), *a[1:], **_to(k, device))).to("cpu")
+                hidden[i] = _output_hidden(block(hidden[i].to(device), *a, **_to(k, device))).to("cpu")
             block.to(home)
             times.append(_clock() - t0)
             bar.update(1)
@@ -472,26 +544,44 @@ def _prune_block(block, prefix, layers, hidden, args, kwargs, device, method, sp
     stats: dict[str, LayerStats] = {}
     handles = []
     score = ONESHOT_SCORES.get(method) if method != "sparsegpt" else None
+    unseen = unregistered_matrix_modules(block)
+    if unseen:
+        notice(f"{prefix} holds matrix weights of types the layer registry does not know, left dense: "
+               + ", ".join(f"{n} ({t})" for n, t in unseen[:4]) + "; secateurs.register_layer(...) makes them prunable")
     if score is None or score.needs is not None:
         for name, layer in layers.items():
             kind = layer_type(layer)
             w = getattr(layer, kind.param)
-            features = w.numel() // w.shape[kind.output_axis]
-            stats[name] = LayerStats(features, hessian=method == "sparsegpt", device=device, dtype=dtype)
+            if w.dim() != 2:  # the statistics read the inputs' last axis as the weight's input features
+                raise ConfigError(
+                    f"{prefix}.{name} is a {type(layer).__name__} with a {w.dim()}-D weight; {method} needs the input "
+                    "statistics of matrix layers (Linear, Conv1D) whose inputs carry their features last. Use "
+                    "method='magnitude' for this model, or name blocks without such layers"
+                )
+            stats[name] = LayerStats(fan_in(w.shape, kind.output_axis), hessian=method == "sparsegpt", device=device,
+                                     dtype=dtype, name=f"{prefix}.{name}")
             handles.append(layer.register_forward_hook(
                 lambda mod, inp, out, s=stats[name]: s.add(inp[0])))
         try:
             for h, a, k in zip(hidden, args, kwargs):
-                block(h.to(device), *a[1:], **_to(k, device))
+                block(h.to(device), *a, **_to(k, device))
         finally:
             for handle in handles:
                 handle.remove()
+        silent = [f"{prefix}.{n}" for n, s in stats.items() if s.tokens == 0]
+        if silent:
+            raise ConfigError(
+                f"{', '.join(silent[:4])} saw no calibration tokens: the block's forward never calls "
+                f"{'them' if len(silent) > 1 else 'it'} as a module (e.g. a weight used through F.linear, like "
+                f"nn.MultiheadAttention's out_proj), so {method} has no statistics to score with. Use "
+                "method='magnitude' for this model, or wrap those weights in modules the forward calls"
+            )
     misfits = []
     for name, layer in layers.items():
         kind = layer_type(layer)
         w = getattr(layer, kind.param)
         key = f"{prefix}.{name}" if name else prefix
-        fan = w.numel() // w.shape[kind.output_axis]
+        fan = fan_in(w.shape, kind.output_axis)
         if nm is not None and fan % nm[1]:
             mask = torch.ones_like(w, dtype=torch.bool)  # stays dense, like the N:M method
             misfits.append(f"{key} ({fan} inputs)")
