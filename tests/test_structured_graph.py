@@ -180,3 +180,51 @@ def test_an_in_place_write_in_a_captured_graph_freezes_the_channels_it_touches()
     assert graph.capture == "run"
     assert "__setitem__" in graph.frozen["a"]  # pruning a's channels would silently mis-assign the write
     assert not graph.prunable
+
+
+class _PoolAfterPermute(nn.Module):
+    """Conv1d -> permute to channels-last -> fc1 -> a same-size pool, which now pools across
+    fc1's output features (the last dim), not along the sequence."""
+
+    def __init__(self, pool: nn.Module):
+        super().__init__()
+        self.conv, self.fc1, self.pool, self.fc2 = nn.Conv1d(3, 6, 1), nn.Linear(6, 8), pool, nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc2(self.pool(self.fc1(self.conv(x).permute(0, 2, 1))))
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool1d(3, stride=1, padding=1), nn.AvgPool1d(3, stride=1, padding=1),
+                                  nn.ZeroPad1d((-1, 1))])
+def test_a_pool_or_pad_across_a_permuted_channel_axis_freezes_the_channels(pool):
+    from secateurs.structured import compact_zero_channels
+
+    torch.manual_seed(0)
+    m, x = _PoolAfterPermute(pool).eval(), torch.randn(2, 3, 5)
+    g = build_graph(m, x[:1])
+    assert "fc1" not in [gr.name for gr in g.prunable]
+    assert "across the channel axis" in g.frozen["fc1"]
+    with torch.no_grad():  # a zero fc1 unit is not removable: the pool mixes it with its neighbours
+        m.fc1.weight[3] = 0
+        m.fc1.bias[3] = 0
+    small = compact_zero_channels(m, x[:1])
+    assert small.fc1.out_features == 8
+    torch.testing.assert_close(small(x), m(x))
+
+
+def test_a_2d_pool_on_a_3d_tensor_pools_across_its_channels_and_freezes_them():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv1d(3, 6, 1), nn.Linear(6 * 5, 2)
+
+        def forward(self, x):  # (N, C, L) into a 2-D pool: an unbatched (C', H, W) image, H = channels
+            return self.fc(F.max_pool2d(self.conv(x), 3, 1, 1).flatten(1))
+
+    g = build_graph(Net(), torch.randn(1, 3, 5))
+    assert "conv" not in [gr.name for gr in g.prunable]
+    assert "across the channel axis" in g.frozen["conv"]
+    # the usual channels-first pools still pass the channels through
+    assert "0" in [gr.name for gr in build_graph(nn.Sequential(nn.Conv1d(3, 6, 1), nn.MaxPool1d(3, 1, 1),
+                                                                  nn.Flatten(), nn.Linear(30, 2)),
+                                                    torch.randn(1, 3, 5)).prunable]

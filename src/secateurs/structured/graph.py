@@ -17,8 +17,9 @@ kept on the frozen group, so pruning is conservative: it never edits a layer who
 coupling it cannot prove.
 
 Supported: Conv1d/2d/3d (plain or depthwise), Linear on 2-D inputs, BatchNorm1d/2d/3d,
-ReLU-like activations, pooling, dropout, flatten / ``view(n, -1)``, spatial indexing,
-``cat``, broadcasting ``add`` / ``mul`` / ``div``, spatial ``mean`` and channel ``F.pad``.
+ReLU-like activations, pooling and spatial padding (over dims after the channel axis only),
+dropout, flatten / ``view(n, -1)``, spatial indexing, ``cat``, broadcasting ``add`` / ``mul`` /
+``div``, spatial ``mean`` and channel ``F.pad``.
 ResNet option-A shortcuts (He et al., 2016) pad the subsampled input with zero channels:
 input channel ``i`` is summed with block output channel ``i`` (they are joined), and the
 padded channels are constant atoms joined with the remaining outputs, so pruning a padded
@@ -75,6 +76,20 @@ _ZERO_KEEPING_FUNCTIONS = {
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
     F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+}
+# Pooling and spatial padding act on the trailing k dims of their input: the tracked channel
+# axis must lie before them, else they mix (or shift) channels while keeping their count.
+_TRAILING_DIMS: dict[Any, int] = {
+    op: k
+    for k, ops in {
+        1: (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.ZeroPad1d, nn.ReflectionPad1d,
+            nn.ReplicationPad1d, F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d),
+        2: (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.ZeroPad2d, nn.ReflectionPad2d,
+            nn.ReplicationPad2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d),
+        3: (nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d, nn.ZeroPad3d, nn.ReflectionPad3d,
+            nn.ReplicationPad3d, F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, F.adaptive_max_pool3d),
+    }.items()
+    for op in ops
 }
 _KNOWN_MODULES: tuple[type[nn.Module], ...] = (*_CONV, *_BN, nn.Linear, nn.Flatten, *_ZERO_KEEPING_MODULES, *_NONZERO_MODULES)
 _NONZERO_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus}
@@ -334,6 +349,11 @@ class _Tracker:
         if (labels is None or shape_in is None or shape_out is None or len(shape_out) != len(shape_in)
                 or shape_out[axis] != shape_in[axis]):
             return self.unknown(node, what)
+        op = type(self.modules[node.target]) if node.op == "call_module" else node.target
+        trailing = _TRAILING_DIMS.get(op) if node.op != "call_method" else None
+        if trailing is not None and axis >= len(shape_in) - trailing:
+            # e.g. a pool after a permute, or a 2-D pool given a 3-D tensor: it pools across the channels
+            return self.unknown(node, f"{what} across the channel axis (it acts on the last {trailing} dims)")
         if not zero_keeping:
             self.nonzero.update(a for a in labels if a is not None)
         self.axes[node] = axis
