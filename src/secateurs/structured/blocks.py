@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..layers import layer_type
+from ..layers import as_rows, layer_type
 from ..masks import unwrap_model
-from ..outputs import call_model, split_batch, task_loss
+from ..outputs import batch_pass, call_model, split_batch, task_loss
 from ..registry import Registry
 
 __all__ = [
@@ -75,6 +75,11 @@ BlockHandler = Callable[[str, nn.Module], "UnitGroup | None"]
 BLOCKS: Registry[BlockHandler] = Registry("block handler")
 
 
+def _join(prefix: str, name: str) -> str:
+    """The qualified name of ``name`` inside the module called ``prefix`` ("" is the model)."""
+    return f"{prefix}.{name}" if prefix else name
+
+
 def _layer(module: nn.Module, path: str) -> nn.Module | None:
     for attr in path.split("."):
         module = getattr(module, attr, None)
@@ -86,6 +91,12 @@ def _layer(module: nn.Module, path: str) -> nn.Module | None:
 def _outputs(layer: nn.Module) -> int:
     kind = layer_type(layer)
     return getattr(layer, kind.param).shape[kind.output_axis]
+
+
+def _axis(layer: nn.Module, side: str) -> int:
+    """The weight axis of ``layer``'s outputs (``side="out"``) or inputs (``"in"``)."""
+    kind = layer_type(layer)
+    return kind.output_axis if side == "out" else 1 - kind.output_axis
 
 
 def _set_int_attrs(module: nn.Module, values: dict[str, int]) -> None:
@@ -147,8 +158,8 @@ def qkvo_attention(name: str, module: nn.Module) -> UnitGroup | None:
 
     return UnitGroup(
         f"{name}:heads", "heads", name, kv, group * head_dim,
-        [Part(f"{name}.q_proj", "out", 0, group * head_dim), Part(f"{name}.k_proj", "out", 0, head_dim),
-         Part(f"{name}.v_proj", "out", 0, head_dim), Part(f"{name}.o_proj", "in", 0, group * head_dim)],
+        [Part(_join(name, "q_proj"), "out", 0, group * head_dim), Part(_join(name, "k_proj"), "out", 0, head_dim),
+         Part(_join(name, "v_proj"), "out", 0, head_dim), Part(_join(name, "o_proj"), "in", 0, group * head_dim)],
         fixup, per_unit,
     )
 
@@ -166,8 +177,8 @@ def bert_attention(name: str, module: nn.Module) -> UnitGroup | None:
 
     return UnitGroup(
         f"{name}:heads", "heads", name, heads, head_dim,
-        [Part(f"{name}.self.query", "out", 0, head_dim), Part(f"{name}.self.key", "out", 0, head_dim),
-         Part(f"{name}.self.value", "out", 0, head_dim), Part(f"{name}.output.dense", "in", 0, head_dim)],
+        [Part(_join(name, "self.query"), "out", 0, head_dim), Part(_join(name, "self.key"), "out", 0, head_dim),
+         Part(_join(name, "self.value"), "out", 0, head_dim), Part(_join(name, "output.dense"), "in", 0, head_dim)],
         fixup,
     )
 
@@ -192,8 +203,8 @@ def fused_qkv_attention(name: str, module: nn.Module) -> UnitGroup | None:
 
     return UnitGroup(
         f"{name}:heads", "heads", name, heads, head_dim,
-        [Part(f"{name}.c_attn", "out", i * split, head_dim) for i in range(3)]
-        + [Part(f"{name}.c_proj", "in", 0, head_dim)],
+        [Part(_join(name, "c_attn"), "out", i * split, head_dim) for i in range(3)]
+        + [Part(_join(name, "c_proj"), "in", 0, head_dim)],
         fixup,
     )
 
@@ -202,12 +213,10 @@ def _mlp(name: str, module: nn.Module, producers: Sequence[str], consumer: str) 
     layers = [_layer(module, p) for p in (*producers, consumer)]
     if None in layers:
         return None
-    units = _outputs(layers[0])
-    if any(_outputs(p) != units for p in layers[1:-1]):
-        return None
+    # every producer's and the consumer's width is checked against the units in find_unit_groups
     return UnitGroup(
-        f"{name}:mlp", "mlp", name, units, 1,
-        [Part(f"{name}.{p}", "out", 0, 1) for p in producers] + [Part(f"{name}.{consumer}", "in", 0, 1)],
+        f"{name}:mlp", "mlp", name, _outputs(layers[0]), 1,
+        [Part(_join(name, p), "out", 0, 1) for p in producers] + [Part(_join(name, consumer), "in", 0, 1)],
     )
 
 
@@ -233,20 +242,89 @@ def bert_mlp(name: str, module: nn.Module) -> UnitGroup | None:
     return _mlp(name, module, ("intermediate.dense",), "output.dense")
 
 
+#: children (registered layers) whose names mark a module as attention or as an MLP
+_ATTENTION_CHILDREN = {"q", "k", "v", "q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value", "qkv",
+                       "out_proj", "c_attn"}
+_MLP_CHILDREN = {"fc1", "fc2", "gate_proj", "up_proj", "down_proj", "c_fc"}
+
+
+def _looks_like(module: nn.Module) -> set[str]:
+    """The unit kinds ``module`` looks like it holds: "heads" for a class named ...Attention
+    or registered-layer children named like projections (q_proj, query, qkv, out_proj, ...),
+    "mlp" for ...MLP or fc1 / fc2 / gate_proj / up_proj / down_proj / c_fc children. A module
+    without any matrix parameter (a functional attention) holds no units."""
+    cls = type(module).__name__.lower()
+    children = {n for n, c in module.named_children() if layer_type(c) is not None}
+    kinds = set()
+    if cls.endswith("attention") or children & _ATTENTION_CHILDREN:
+        kinds.add("heads")
+    if cls.endswith("mlp") or children & _MLP_CHILDREN:
+        kinds.add("mlp")
+    if kinds and not any(p.dim() >= 2 for p in module.parameters()):
+        return set()
+    return kinds
+
+
+def _nested(a: str, b: str) -> bool:
+    """Whether module ``a`` is ``b``, inside it, or contains it."""
+    return a == b or a == "" or b == "" or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def _check_group(modules: dict[str, nn.Module], group: UnitGroup) -> None:
+    """Refuse a group whose layers are not exactly its units' slices: every (layer, side) must
+    be as wide as its parts say (``offset + units * width``; three such blocks for GPT-2's fused
+    ``c_attn``), else removing a unit would cut some other unit's or input's columns."""
+    spans: dict[tuple[str, str], list[Part]] = {}
+    for p in group.parts:
+        layer = modules.get(p.layer)
+        if layer is None or layer_type(layer) is None:
+            raise ConfigError(f"{group.name}: part {p.layer!r} is not a registered layer of this model")
+        if p.side not in ("out", "in"):
+            raise ConfigError(f"{group.name}: part {p.layer!r} has side {p.side!r}; it must be 'out' or 'in'")
+        spans.setdefault((p.layer, p.side), []).append(p)
+    for (name, side), parts in spans.items():
+        layer = modules[name]
+        w = getattr(layer, layer_type(layer).param)
+        if w.dim() != 2:
+            raise ConfigError(
+                f"{group.name}: unit groups need matrix weights; {name} ({type(layer).__name__}) has {w.dim()} dims; "
+                f"exclude it (exclude=[{group.name!r}])"
+            )
+        size = w.shape[_axis(layer, side)]
+        expected = sum(group.units * p.width for p in parts)
+        if size != expected or max(p.offset + group.units * p.width for p in parts) != size:
+            what = "outputs" if side == "out" else "inputs"
+            raise ConfigError(
+                f"{group.name}: {name} has {size} {what} but the block's {group.units} {group.kind} units take "
+                f"{expected} of them ({' + '.join(f'{group.units} x {p.width}' for p in parts)}), so removing a unit "
+                f"would cut the wrong slices (e.g. a consumer that also reads other features, or value heads of "
+                f"another size); exclude it (exclude=[{group.name!r}]) or register a handler for "
+                f"{type(modules[group.module]).__name__} with @secateurs.structured.blocks.BLOCKS.register(name)"
+            )
+
+
 def find_unit_groups(model: nn.Module, exclude: Sequence[str] = (), kinds: Iterable[str] = ("heads", "mlp")) -> list[UnitGroup]:
     """Every attention-head and MLP-unit group the registered handlers recognise, in module
-    order; ``exclude`` holds glob patterns on group names (``"*.layers.0.*"``)."""
+    order; ``exclude`` holds glob patterns on group names (``"*.layers.0.*"``).
+
+    Refused (ConfigError): a group whose layers' widths are not its units' slices, and a
+    module of a requested kind that no handler recognises (a class named ...Attention / ...MLP,
+    or one with children named like projections), unless excluded: it would stay dense."""
     model = unwrap_model(model)
     kinds = set(kinds)
+    modules = dict(model.named_modules())
     groups, recognised = [], set()
-    for name, module in model.named_modules():
+    matched: dict[str, set[str]] = {}
+    for name, module in modules.items():
         for entry in BLOCKS:
             group = entry.obj(name, module)
-            if group is not None:
-                recognised.add(group.kind)
-                if group.kind in kinds and not any(fnmatch.fnmatchcase(group.name, p) for p in exclude):
-                    groups.append(group)
-                break
+            if group is None or group.kind in matched.get(name, ()):
+                continue  # one group per kind and module: the first handler that recognises it
+            matched.setdefault(name, set()).add(group.kind)
+            recognised.add(group.kind)
+            if group.kind in kinds and not any(fnmatch.fnmatchcase(group.name, p) for p in exclude):
+                _check_group(modules, group)
+                groups.append(group)
     missing = sorted(kinds - recognised)
     if missing:
         what = {"heads": "attention", "mlp": "MLP"}
@@ -255,21 +333,29 @@ def find_unit_groups(model: nn.Module, exclude: Sequence[str] = (), kinds: Itera
             f"{' and '.join(missing)} cannot be pruned (handlers: {', '.join(BLOCKS.names())}); register one for "
             "its block type with @secateurs.structured.blocks.BLOCKS.register(name), or leave that kind out"
         )
+    unmatched = [
+        (name, kind)
+        for name, module in modules.items()
+        for kind in sorted(_looks_like(module) & kinds)
+        if not any(kind in ks and _nested(name, other) for other, ks in matched.items())
+        and not any(fnmatch.fnmatchcase(f"{name}:{kind}", p) for p in exclude)
+    ]
+    if unmatched:
+        what = {"heads": "attention", "mlp": "MLP"}
+        listed = ", ".join(f"{name or '(the model)'} ({type(modules[name]).__name__}, {what[kind]})"
+                           for name, kind in unmatched[:5])
+        more = f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else ""
+        raise ConfigError(
+            f"{listed}{more} look like attention or MLP blocks but no block handler recognises them, so their units "
+            f"would silently stay dense (handlers: {', '.join(BLOCKS.names())}); exclude them "
+            f"(exclude={[f'{n}:{k}' for n, k in unmatched[:5]]}), leave that kind out, or register a handler for "
+            "their class with @secateurs.structured.blocks.BLOCKS.register(name)"
+        )
     return groups
 
 
 def _indices(part: Part, units: Iterable[int]) -> torch.Tensor:
     return torch.cat([torch.arange(part.offset + u * part.width, part.offset + (u + 1) * part.width) for u in units])
-
-
-def _rows(layer: nn.Module, side: str, tensor: torch.Tensor | None = None) -> torch.Tensor:
-    """A layer's weight (or ``tensor`` shaped like it) as [units along side, rest]."""
-    kind = layer_type(layer)
-    w = getattr(layer, kind.param) if tensor is None else tensor
-    axis = kind.output_axis if side == "out" else 1 - kind.output_axis
-    if w.dim() != 2:
-        raise ConfigError(f"unit groups need matrix weights; {type(layer).__name__} has {w.dim()} dims")
-    return w.movedim(axis, 0)
 
 
 def unit_importance(
@@ -289,13 +375,15 @@ def unit_importance(
         for g in groups:
             s = torch.zeros(g.units, dtype=torch.float64)
             for p in g.parts:
-                rows = _rows(modules[p.layer], p.side).detach().abs().double()
-                per_index = rows.reshape(rows.shape[0], -1).sum(1)
+                layer = modules[p.layer]
+                w = getattr(layer, layer_type(layer).param)
+                per_index = as_rows(w.detach().abs().double(), _axis(layer, p.side)).sum(1)
                 s += per_index[p.offset:p.offset + g.units * p.width].reshape(g.units, p.width).sum(1)
             scores[g.name] = s
         return scores
     if importance != "taylor":
         raise ConfigError(f"unknown unit importance {importance!r}; known: l1, taylor")
+    batches = batch_pass(batches)
     if batches is None:
         raise ConfigError("taylor unit importance needs batches=[(inputs, targets), ...] (or Hugging Face batch dicts)")
     layers = sorted({p.layer for g in groups for p in g.parts})
@@ -313,8 +401,8 @@ def unit_importance(
                 grad = grads[p.layer]
                 if grad is None:
                     continue
-                gw = _rows(layer, p.side, grad * getattr(layer, layer_type(layer).param)).detach().double()
-                per_index = gw.reshape(gw.shape[0], -1).sum(1)
+                gw = (grad * getattr(layer, layer_type(layer).param)).detach().double()
+                per_index = as_rows(gw, _axis(layer, p.side)).sum(1)
                 c += per_index[p.offset:p.offset + g.units * p.width].reshape(g.units, p.width).sum(1)
             sums[g.name] += c**2
         n += 1
@@ -326,7 +414,7 @@ def unit_importance(
 def _slice_layer_(layer: nn.Module, side: str, keep: torch.Tensor) -> None:
     kind = layer_type(layer)
     w = getattr(layer, kind.param)
-    axis = kind.output_axis if side == "out" else 1 - kind.output_axis
+    axis = _axis(layer, side)
     with torch.no_grad():
         new_w = nn.Parameter(w.index_select(axis, keep.to(w.device)).clone(), requires_grad=w.requires_grad)
         setattr(layer, kind.param, new_w)
@@ -344,6 +432,7 @@ def remove_units_(model: nn.Module, group: UnitGroup, keep: Sequence[int]) -> No
     if not keep or keep[0] < 0 or keep[-1] >= group.units:
         raise ConfigError(f"{group.name}: keep must list between 1 and {group.units} unit indices, got {keep}")
     modules = dict(model.named_modules())
+    _check_group(modules, group)  # before any layer is cut
     drop = [u for u in range(group.units) if u not in keep]
     if not drop:
         return
@@ -352,7 +441,7 @@ def remove_units_(model: nn.Module, group: UnitGroup, keep: Sequence[int]) -> No
         by_side.setdefault((p.layer, p.side), []).append(_indices(p, drop))
     for (layer_name, side), removed in by_side.items():
         layer = modules[layer_name]
-        size = _rows(layer, side).shape[0]
+        size = getattr(layer, layer_type(layer).param).shape[_axis(layer, side)]
         mask = torch.ones(size, dtype=torch.bool)
         mask[torch.cat(removed)] = False
         _slice_layer_(layer, side, torch.nonzero(mask).reshape(-1))
