@@ -17,9 +17,13 @@ people actually feed and get back:
   with ``logits`` (Hugging Face documents ``.logits`` as the prediction scores of every task
   head);
 * **losses**: cross-entropy on the logits, and for a causal language model (a
-  ``...ForCausalLM`` / ``...LMHeadModel`` class, or ``config.is_decoder``) the shifted
-  next-token cross-entropy, with targets defaulting to the input ids as in ``transformers``.
-  A user's ``loss_fn(logits, targets)`` overrides it.
+  ``...ForCausalLM`` / ``...LMHeadModel`` class, or ``config.is_decoder``, or a module whose
+  per-token logits come from such a model inside it) the shifted next-token cross-entropy,
+  with targets defaulting to the input ids as in ``transformers``. One label per token is
+  scored unshifted only for a model that is clearly per-token (``...ForTokenClassification``,
+  or an encoder-decoder, whose logits already align with its labels); any other model with
+  per-token logits is refused as ambiguous. A user's ``loss_fn(logits, targets)`` overrides
+  it (:func:`next_token_loss` and :func:`per_token_loss` are ready-made ones).
 
 Nothing here imports ``transformers``: outputs are recognised by their ``logits`` field.
 """
@@ -34,7 +38,8 @@ from torch import nn
 from .errors import ConfigError
 
 __all__ = [
-    "split_batch", "call_model", "logits_of", "is_causal_lm", "task_loss", "first_tensor", "LossFn",
+    "split_batch", "call_model", "logits_of", "is_causal_lm", "task_loss", "next_token_loss", "per_token_loss",
+    "first_tensor", "LossFn",
     "batch_source", "batch_pass", "model_failure",
 ]
 
@@ -74,13 +79,12 @@ def _not_one_batch(batches: Any, what: str) -> None:
 
 def _iterable_from(result: Any, what: str) -> Iterable:
     _not_one_batch(result, what)
-    try:
-        iter(result)
-    except TypeError:
+    # iterable as iter() sees it, without calling it (a DataLoader's iter starts its workers)
+    if getattr(type(result), "__iter__", None) is None and not hasattr(type(result), "__getitem__"):
         raise ConfigError(
             f"{what} gave a {type(result).__name__}, not an iterable of (x, y) batches; pass a list of "
             "batches or a DataLoader"
-        ) from None
+        )
     return result
 
 
@@ -102,7 +106,7 @@ def batch_source(batches: Any, what: str = "batches") -> Callable[[], Iterable] 
             return _iterable_from(batches(), f"{what}()")
         return fresh
     _iterable_from(batches, what)
-    if isinstance(batches, Iterator) or iter(batches) is batches:
+    if isinstance(batches, Iterator):
         raise ConfigError(
             f"{what} is a one-shot iterator ({type(batches).__name__}): it is empty after one pass and a resumed "
             f"run could not draw the same batches again; pass a list (e.g. {what}=list(itertools.islice(loader, n))), "
@@ -183,23 +187,66 @@ def logits_of(output: Any) -> torch.Tensor:
     return logits
 
 
+_CAUSAL_CLASSES = ("ForCausalLM", "LMHeadModel")
+
+
 def is_causal_lm(model: nn.Module) -> bool:
     """Whether ``model`` predicts the next token (its loss shifts the targets by one)."""
     name = type(model).__name__
-    if name.endswith(("ForCausalLM", "LMHeadModel")):
+    if name.endswith(_CAUSAL_CLASSES):
         return True
     config = getattr(model, "config", None)
     return bool(getattr(config, "is_decoder", False)) and not getattr(config, "is_encoder_decoder", False)
 
 
+def _per_token_task(model: nn.Module) -> bool:
+    """Whether ``model``'s per-token logits align with its labels (no shift): token
+    classification, or an encoder-decoder (its decoder's inputs are the shifted labels)."""
+    config = getattr(model, "config", None)
+    return type(model).__name__.endswith("ForTokenClassification") or bool(getattr(config, "is_encoder_decoder", False))
+
+
+def _causal_lm_inside(model: nn.Module, vocab: int) -> nn.Module | None:
+    """A ``...ForCausalLM`` / ``...LMHeadModel`` inside ``model`` (a user's wrapper) whose
+    vocabulary is the width of the logits ``model`` returned."""
+    for name, m in model.named_modules():
+        if not name or not type(m).__name__.endswith(_CAUSAL_CLASSES):
+            continue
+        head = m.get_output_embeddings() if callable(getattr(m, "get_output_embeddings", None)) else None
+        widths = {getattr(getattr(m, "config", None), "vocab_size", None),
+                  getattr(getattr(head, "weight", None), "shape", (None,))[0]}
+        if vocab in widths:
+            return m
+    return None
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """A causal LM's loss: position ``t`` predicts token ``t + 1`` (``-100`` ignored)."""
+    if logits.dim() != 3 or not isinstance(targets, torch.Tensor) or targets.shape != logits.shape[:2]:
+        raise ConfigError(
+            f"a causal LM's logits should be [batch, tokens, vocab] and its targets [batch, tokens]; "
+            f"got {tuple(logits.shape)} and {tuple(getattr(targets, 'shape', ())) or type(targets).__name__}"
+        )
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def per_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """One label per token, unshifted (token classification; ``-100`` ignored)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
 def task_loss(model: nn.Module, output: Any, targets: Any, inputs: Any = None, loss_fn: LossFn | None = None) -> torch.Tensor:
     """The training loss of one batch: ``loss_fn(logits, targets)`` if given, else cross-entropy,
     shifted by one position for a causal language model (targets default to the input ids;
-    ``-100`` is ignored, as in ``transformers``)."""
+    ``-100`` is ignored, as in ``transformers``). Per-token logits with one target per token
+    from a model that is neither a causal LM (nor wraps one) nor clearly per-token are refused:
+    shifting or not would be a guess."""
     logits = logits_of(output)
     if loss_fn is not None:  # the user's loss decides what it needs (targets may be None)
         return loss_fn(logits, targets)
-    causal = is_causal_lm(model)
+    causal = is_causal_lm(model) or (
+        logits.dim() == 3 and not _per_token_task(model) and _causal_lm_inside(model, logits.shape[-1]) is not None
+    )
     if targets is None:
         ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else inputs
         if causal and isinstance(ids, torch.Tensor) and not ids.is_floating_point():
@@ -210,15 +257,14 @@ def task_loss(model: nn.Module, output: Any, targets: Any, inputs: Any = None, l
                 "(only a causal language model takes its targets from its input ids)"
             )
     if causal:
-        if logits.dim() != 3 or targets.shape != logits.shape[:2]:
-            raise ConfigError(
-                f"a causal LM's logits should be [batch, tokens, vocab] and its targets [batch, tokens]; "
-                f"got {tuple(logits.shape)} and {tuple(targets.shape)}"
-            )
-        return F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), targets[:, 1:].reshape(-1), ignore_index=-100
-        )
+        return next_token_loss(logits, targets)
     if logits.dim() == 3 and isinstance(targets, torch.Tensor) and targets.shape == logits.shape[:2]:
-        # one label per token (token classification)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        if not _per_token_task(model):
+            raise ConfigError(
+                f"{type(model).__name__} returns per-token logits {tuple(logits.shape)} with one target per token, "
+                "but its task is ambiguous: a causal language model predicts the next token (targets shifted by "
+                "one), token classification labels each token (unshifted); pass loss_fn=secateurs.outputs."
+                "next_token_loss or loss_fn=secateurs.outputs.per_token_loss (or your own loss_fn(logits, targets))"
+            )
+        return per_token_loss(logits, targets)
     return F.cross_entropy(logits, targets)
