@@ -28,7 +28,7 @@ bench: $(STAMP)
 
 # Hugging Face ViT and MobileNetV2 on Fashion-MNIST, secateurs vs Torch-Pruning (~10 min)
 bench-hf: $(STAMP)
-	$(PY) benchmarks/bench_hf_structured.py --out runs/bench-hf-structured
+	$(PY) benchmarks/bench_hf_structured.py --out benchmarks/results/hf_structured
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
