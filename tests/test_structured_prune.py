@@ -210,6 +210,13 @@ def test_model_cost_of_lenet300_100():
     assert cost.parameters == cost.macs + 300 + 100 + 10
 
 
+def test_model_cost_of_a_conv_and_per_token_linears_by_hand():
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+    assert model_cost(conv, torch.randn(2, 3, 8, 8)).macs == 4 * 3 * 9 * 8 * 8 + 256 * 10  # per example
+    tokens = nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 2))
+    assert model_cost(tokens, torch.randn(2, 7, 6)).macs == 7 * (6 * 5 + 5 * 2)  # every token of one example
+
+
 def run_export_in_a_new_python(path, x: torch.Tensor, tmp_path) -> tuple[torch.Tensor, bool]:
     """Load a torch.export archive in a fresh interpreter and run it on ``x``: its output, and
     whether anything of secateurs got imported there."""
@@ -244,3 +251,29 @@ def test_taylor_importance_on_a_graph_with_nothing_prunable_says_why_instead_of_
     assert not graph.prunable
     with pytest.raises(ConfigError, match="no prunable channel group.*graph.frozen"):
         taylor_importance(model, graph, [(torch.randn(2, 4), torch.tensor([0, 1]))])
+
+
+def test_a_tuple_output_is_exported_whole_and_a_mapping_as_its_logits(tmp_path):
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.a(x), self.b(x)
+
+    class Mapped(TwoHeads):
+        def forward(self, x):
+            return {"logits": self.a(x), "aux": self.b(x)}
+
+    torch.manual_seed(0)
+    model, x = TwoHeads().eval(), torch.randn(3, 4)
+    save_compact(model, tmp_path / "two.pt2", x)
+    out = load_compact(tmp_path / "two.pt2")(x)
+    assert isinstance(out, tuple) and len(out) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(out[1], model.b(x))
+    mapped = Mapped().eval()
+    save_compact(mapped, tmp_path / "mapped.pt2", x)
+    with torch.no_grad():
+        torch.testing.assert_close(load_compact(tmp_path / "mapped.pt2")(x), mapped.a(x))

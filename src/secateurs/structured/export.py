@@ -8,6 +8,7 @@ BatchNorm uses its running statistics; the batch dimension stays dynamic.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Union
 
 import torch
@@ -22,8 +23,9 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 class _Predict(nn.Module):
-    """The model with its output reduced to the logits (a Hugging Face ``ModelOutput`` carries
-    caches and optional fields that an exported program should not)."""
+    """The model with a mapping output (a Hugging Face ``ModelOutput``, which carries caches and
+    optional fields an exported program should not) or an object with ``.logits`` reduced to
+    the logits; a tensor, tuple or list output is exported whole."""
 
     def __init__(self, model: nn.Module, keys: tuple[str, ...] = ()):
         super().__init__()
@@ -32,7 +34,7 @@ class _Predict(nn.Module):
 
     def forward(self, *args):
         out = self.model(**dict(zip(self.keys, args))) if self.keys else self.model(*args)
-        return out if isinstance(out, torch.Tensor) else logits_of(out)
+        return logits_of(out) if isinstance(out, Mapping) or hasattr(out, "logits") else out
 
 
 def _batched(t: torch.Tensor) -> torch.Tensor:
@@ -42,9 +44,9 @@ def _batched(t: torch.Tensor) -> torch.Tensor:
 def save_compact(model: nn.Module, path: PathLike, example_input) -> None:
     """Export ``model`` (eval mode) for inputs shaped like ``example_input`` (a tensor, a tuple
     of tensors, or a mapping of keyword tensors such as ``{"input_ids": ...}``) with any batch
-    size. A non-tensor output (a Hugging Face ``ModelOutput``) is saved as its logits. Keyword
-    inputs become positional in the mapping's order: the loaded module is called
-    ``m(input_ids, attention_mask)`` for ``{"input_ids": ..., "attention_mask": ...}``."""
+    size. A mapping output (a Hugging Face ``ModelOutput``) is saved as its logits; a tuple is
+    saved whole. Keyword inputs become positional in the mapping's order: the loaded module is
+    called ``m(input_ids, attention_mask)`` for ``{"input_ids": ..., "attention_mask": ...}``."""
     batch = torch.export.Dim("batch")
     keys: tuple[str, ...] = ()
     if isinstance(example_input, torch.Tensor):
