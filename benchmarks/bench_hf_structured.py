@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from secateurs.analysis.flops import layer_macs
+from secateurs.outputs import logits_of
 from secateurs.structured import prune_to_flops, taylor_importance
 from secateurs.structured.blocks import count_parameters, prune_units_to_macs
 
@@ -47,8 +48,7 @@ def batches(images, labels, size, mean, std, shuffle, generator=None):
 
 
 def logits(model, x):
-    out = model(x)
-    return out if isinstance(out, torch.Tensor) else out.logits
+    return logits_of(model(x))
 
 
 def train(model, data, steps, lr, seed):
