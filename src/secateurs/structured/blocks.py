@@ -19,6 +19,13 @@ code (rotary embeddings) is untouched because the head size never changes, and a
 per-head parameters (Swin's relative position bias) are sliced with it. A new block type is
 one function decorated with ``@BLOCKS.register(name)``.
 
+Never a guess: every layer of a group must be exactly as wide as its units' slices (an MLP
+whose ``fc2`` also reads other features, value heads of another size than the query heads
+are refused), and a module that looks like attention or an MLP (a class named
+``...Attention`` / ``...MLP``, or children named ``q_proj``, ``query``, ``qkv``,
+``out_proj``, ``fc1``, ...) that no handler recognises, such as ``nn.MultiheadAttention``,
+is refused unless excluded, rather than silently left dense.
+
 Unit importance is the same score vocabulary as elsewhere: ``l1`` (the summed |w| of a unit's
 slices) or first-order ``taylor`` (Molchanov et al. 2019: the squared sum of ``g * w`` over the
 unit's slices, averaged over batches). Removal rebuilds smaller ``Linear`` / ``Conv1D`` layers
