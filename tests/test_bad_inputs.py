@@ -21,6 +21,7 @@ FILES = {
     "run/config.yaml": "- not\n- a mapping\n",
     "run2/config.yaml": "name: x\n",
     "run2/results.json": "{bad",
+    "nullmodel.yaml": "data: {dataset: digits}\nmodel:\nprune: {sparsities: [0.5]}\n",
 }
 
 T = ["train", "--dataset", "digits"]
@@ -34,6 +35,7 @@ CASES = [
     ("config is a directory", ["train", "--config", "{w}"], "is a directory"),
     ("a compare config to train", ["train", "--config", "{c}/dst_lenet5_fashion.yaml"], "secateurs compare --config"),
     ("a train config to compare", ["compare", "--config", "{c}/demo_lenet300_mnist.yaml"], "unknown config key(s)"),
+    ("a section left empty", ["train", "--config", "{w}/nullmodel.yaml"], "model is empty (null)"),
     ("a train config to lottery", ["lottery", "--config", "{c}/demo_lenet300_mnist.yaml"], "secateurs train --config"),
     # what to train
     ("epochs 0", [*T, "--epochs", "0", "--sparsity", "0.5"], "train.epochs is 0"),
@@ -67,6 +69,13 @@ CASES = [
     ("--set unknown key", [*T, "--set", "train.epoch=1", "--sparsity", "0.5"], "unknown config key(s) train.epoch"),
     ("--set a section to a number", [*T, "--set", "train=3", "--sparsity", "0.5"], "train must be a mapping"),
     ("--set into a number", [*T, "--set", "seed.x=3", "--sparsity", "0.5"], "seed must be int"),
+    ("a flag and --set on one key", [*T, "--epochs", "3", "--set", "train.epochs=1", "--sparsity", "0.5"],
+     "train.epochs is given twice (--set train.epochs=1 and --epochs 3)"),
+    ("--set a key inside another --set", [*T, "--set", "train.optimizer={lr: 0.3}", "--set", "train.optimizer.lr=0.2"],
+     "on its own and inside train.optimizer"),
+    ("--data-root and --set data.root", [*T, "--data-root", "{w}", "--set", "data.root=/x", "--sparsity", "0.5"],
+     "data.root is given twice"),
+    ("a key twice in a --set value", [*T, "--set", "train.optimizer={lr: 0.3, lr: 0.2}"], "key 'lr' appears twice"),
     # names and method settings
     ("unknown method", [*T, "--method", "snap", "--sparsity", "0.5"], "unknown method 'snap'"),
     ("unknown model", [*T, "--model", "resnet21", "--sparsity", "0.5"], "unknown model 'resnet21'"),
@@ -76,6 +85,8 @@ CASES = [
      "does not take 'evry'"),
     ("param set twice", [*T, "--method", "rigl", "--sparsity", "0.5", "--set", "prune.params.sparsity=0.5"],
      "are set elsewhere"),
+    ("a sweep setting as a method param", [*T, "--sparsity", "0.5", "--set", "prune.params.total_steps=100"],
+     "prune.params ['total_steps'] are set elsewhere"),
     ("schedule point past the end", [*T, "--method", "rigl", "--sparsity", "0.5", "--set", "prune.params.end=99999"],
      "past the end of training"),
     ("reset for a during-training method", [*T, "--method", "rigl", "--sparsity", "0.5", "--set", "prune.reset=rewind"],
@@ -121,7 +132,10 @@ def workdir(tmp_path_factory):
 
 @pytest.mark.parametrize("argv,fragment", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_one_clear_line(workdir, tmp_path, capsys, argv, fragment):
-    argv = [a.format(w=workdir, c=CONFIGS) for a in argv]
+    def place(text):  # not str.format: some arguments hold YAML braces
+        return text.replace("{w}", str(workdir)).replace("{c}", str(CONFIGS))
+
+    argv, fragment = [place(a) for a in argv], place(fragment)
     if argv[0] != "report" and "--runs-dir" not in argv:
         argv += ["--runs-dir", str(tmp_path / "runs")]
     if argv[0] not in ("report",):

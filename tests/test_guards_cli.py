@@ -263,3 +263,37 @@ def test_compare_takes_set_and_a_changed_set_writes_its_own_table(tmp_path, caps
     one_line_error(code, err, "at least one seed")
     code, _, err = run_cli(capsys, *base, "--set", "base.train.epochs=0")
     one_line_error(code, err, "train.epochs is 0")
+
+
+# -------------------------------------------------------------------- one key, one place (review)
+@pytest.mark.parametrize("flags,fragments", [
+    (["--epochs", "3", "--set", "train.epochs=1"], ["train.epochs is given twice", "--epochs 3", "--set train.epochs=1"]),
+    (["--set", "train.optimizer={lr: 0.3}", "--set", "train.optimizer.lr=0.2"],
+     ["train.optimizer.lr is given twice, on its own and inside train.optimizer"]),
+    (["--set", "train.optimizer.lr=0.2", "--set", "train.optimizer={lr: 0.3}"],
+     ["train.optimizer.lr is given twice, on its own and inside train.optimizer"]),
+    (["--data-root", "/x", "--set", "data.root=/y"], ["data.root is given twice"]),
+    (["--data-root", "/x", "--set", "data={dataset: digits}"], ["data.root is given twice, on its own and inside data"]),
+    (["--sparsity", "0.9", "--set", "prune={sparsities: [0.5]}"], ["--sparsity 0.9", "inside prune"]),
+    (["--set", "train.optimizer={lr: 0.3, lr: 0.2}"], ["--set train.optimizer={lr: 0.3, lr: 0.2}: key 'lr' appears twice"]),
+])
+def test_a_key_given_twice_across_flags_and_set_is_refused(tmp_path, capsys, flags, fragments):
+    code, _, err = run_cli(capsys, "train", "--config", write(tmp_path), "--runs-dir", tmp_path / "r", "--no-progress", *flags)
+    one_line_error(code, err, *fragments)
+    assert not (tmp_path / "r").exists()
+
+
+def test_data_root_and_a_set_inside_it_are_refused_for_every_command(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "compare", "--config", write(tmp_path, COMPARISON, "cmp.yaml"), "--runs-dir",
+                           tmp_path / "r", "--data-root", tmp_path, "--set", "base.data={dataset: digits}")
+    one_line_error(code, err, "base.data.root is given twice, on its own and inside base.data")
+
+
+# --------------------------------------------------------------------------- health verdicts (review)
+def test_a_row_written_before_the_health_check_has_no_verdict_in_the_csv():
+    from secateurs.analysis.report import to_csv
+
+    row = {"phase": "dense", "target_sparsity": 0.0, "sparsity": 0.0, "test_acc": 0.9, "test_loss": 0.3}
+    cells = [line.rsplit(",", 1)[1] for line in to_csv([row, {**row, "health": None}]).splitlines()[1:]]
+    assert cells == ["", "ok"]
+

@@ -15,7 +15,11 @@ import yaml
 from .errors import ConfigError, SecateursError
 
 
-def _parse_set(items: Sequence[str]) -> dict:
+def _parse_set(items: Sequence[str]) -> dict[str, tuple[str, object]]:
+    """``--set KEY=VALUE`` items as ``{key: (how it was given, value)}``; values are YAML, read
+    strictly (a key twice inside one value is refused)."""
+    from .experiments.config import load_yaml_text, yaml_problem
+
     out = {}
     for item in items:
         if "=" not in item:
@@ -23,38 +27,62 @@ def _parse_set(items: Sequence[str]) -> dict:
         key, value = (part.strip() for part in item.split("=", 1))
         if not key or any(not part for part in key.split(".")):
             raise ConfigError(f"--set {item!r}: the key is empty or has an empty part; write e.g. train.epochs=3")
-        if key in out:
-            raise ConfigError(f"--set {key} is given twice ({out[key]!r} and {value!r}); keep one")
         try:
-            out[key] = yaml.safe_load(value)
+            parsed = load_yaml_text(value, f"--set {key}")
         except yaml.YAMLError as e:
-            from .experiments.config import yaml_problem
-
             raise ConfigError(
                 f"--set {key}={value}: the value is not valid YAML ({yaml_problem(e)}). "
                 "Write lists as [0.5, 0.9], and quote strings with special characters"
             ) from None
+        except ConfigError as e:
+            raise ConfigError(f"--set {key}={value}: {e}") from None
+        _add(out, key, f"--set {key}={value}", parsed)
     return out
 
 
-def _flag_overrides(args: argparse.Namespace) -> dict:
-    mapping = {
-        "name": "name", "seed": "seed", "device": "device", "model": "model.name",
-        "dataset": "data.dataset", "data_root": "data.root", "method": "prune.method",
-        "scope": "prune.scope", "epochs": "train.epochs", "finetune_epochs": "finetune.epochs",
-        "batch_size": "data.batch_size",
-    }
-    out = {key: getattr(args, attr) for attr, key in mapping.items() if getattr(args, attr) is not None}
-    if args.sparsity:
-        out["prune.sparsities"] = list(args.sparsity)
-    return out
+def _add(out: dict[str, tuple[str, object]], key: str, given: str, value) -> None:
+    """Add one override, refusing a key already given, or one inside (or around) a given key:
+    which of the two wins would depend on their order, so neither may silently."""
+    for other, (how, _) in out.items():
+        if other == key:
+            raise ConfigError(f"{key} is given twice ({how} and {given}); keep one")
+        if key.startswith(other + ".") or other.startswith(key + "."):
+            outer, inner = (other, key) if key.startswith(other + ".") else (key, other)
+            raise ConfigError(
+                f"{inner} is given twice, on its own and inside {outer} ({how} and {given}): which one wins would "
+                f"depend on their order. Keep one, or write {inner} into {outer}'s value"
+            )
+    out[key] = (given, value)
+
+
+def _overrides(args: argparse.Namespace, flags: dict[str, str]) -> dict:
+    """The dotted config overrides of ``--set`` and of the flags that stand for config keys
+    (``flags``: attribute -> key), one key at most once (see :func:`_add`)."""
+    out = _parse_set(args.set)
+    for attr, key in flags.items():
+        value = getattr(args, attr)
+        if value is None:
+            continue
+        flag = "--" + attr.replace("_", "-")
+        shown = " ".join(f"{flag} {v}" for v in value) if isinstance(value, list) else f"{flag} {value}"
+        _add(out, key, shown, list(value) if isinstance(value, list) else value)
+    return {key: value for key, (_, value) in out.items()}
+
+
+#: The flags of ``secateurs train`` that stand for config keys.
+TRAIN_FLAGS = {
+    "name": "name", "seed": "seed", "device": "device", "model": "model.name",
+    "dataset": "data.dataset", "data_root": "data.root", "method": "prune.method",
+    "scope": "prune.scope", "epochs": "train.epochs", "finetune_epochs": "finetune.epochs",
+    "batch_size": "data.batch_size", "sparsity": "prune.sparsities",
+}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .experiments import RunDir, load_config
     from .experiments.sweep import run_sweep
 
-    overrides = {**_flag_overrides(args), **_parse_set(args.set)}
+    overrides = _overrides(args, TRAIN_FLAGS)
     if args.resume:
         from .experiments.sweep import continue_from
 
@@ -83,9 +111,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from .experiments.compare import load_comparison, run_comparison
 
-    overrides = _parse_set(args.set)
-    if args.data_root:
-        overrides["base.data.root"] = args.data_root
+    overrides = _overrides(args, {"data_root": "base.data.root"})
     comparison = load_comparison(args.config, overrides)
     seeds = tuple(args.seeds) if args.seeds else None
     summary = run_comparison(comparison, args.runs_dir, seeds=seeds, progress=not args.no_progress)
@@ -98,9 +124,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_lottery(args: argparse.Namespace) -> int:
     from .experiments.lottery import config_seeds, format_lottery, load_lottery_config, run_lottery_seeds
 
-    overrides = _parse_set(args.set)
-    if args.data_root:
-        overrides["data.root"] = args.data_root
+    overrides = _overrides(args, {"data_root": "data.root"})
     config = load_lottery_config(args.config, overrides)
     seeds = args.seeds if args.seeds else config_seeds(args.config)
     summary = run_lottery_seeds(config, seeds, args.runs_dir, args.out, progress=not args.no_progress)
@@ -139,9 +163,7 @@ def cmd_single_run(args: argparse.Namespace) -> int:
 
     module, load, run_fn, fmt, *_, written = SINGLE_RUN[args.command]
     experiment = importlib.import_module(f".experiments.{module}", __package__)
-    overrides = _parse_set(args.set)
-    if args.data_root:
-        overrides["data.root"] = args.data_root
+    overrides = _overrides(args, {"data_root": "data.root"})
     config = getattr(experiment, load)(args.config, overrides)
     run = RunDir.for_config(config, args.runs_dir)
     print(f"run directory: {run.path}")
@@ -154,9 +176,7 @@ def cmd_single_run(args: argparse.Namespace) -> int:
 def cmd_plasticity(args: argparse.Namespace) -> int:
     from .experiments.plasticity import format_plasticity, load_plasticity, run_plasticity
 
-    overrides = _parse_set(args.set)
-    if args.data_root:
-        overrides["base.data.root"] = args.data_root
+    overrides = _overrides(args, {"data_root": "base.data.root"})
     study = load_plasticity(args.config, overrides)
     result = run_plasticity(study, args.runs_dir, progress=not args.no_progress)
     print(f"\n{study.name}: accuracy change (pt) after pruning and {study.continue_epochs} epoch(s) of "

@@ -40,6 +40,11 @@ def from_dict(cls: type, data: Mapping[str, Any] | None, where: str = "") -> Any
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
+        if value is None:  # `model:` with nothing under it: YAML reads null, which must not mean "the defaults"
+            raise ConfigError(
+                f"{where} is empty (null): write its keys under it (e.g. {where}: {{{dataclasses.fields(tp)[0].name}: ...}}), "
+                "or delete the line to use its defaults"
+            )
         return from_dict(tp, value, where + ".")
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)

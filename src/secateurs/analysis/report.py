@@ -45,6 +45,14 @@ def to_csv(rows: Sequence[dict]) -> str:
             r["phase"], *(r.get(c) if r.get(c) is not None else "" for c in COLUMNS), r["test_loss"],
             r.get("active", ""), r.get("numel", ""),
             *("" if _flops(r, k) is None else _flops(r, k) for k in ("inference", "training")),
-            r.get("health") or "ok",
+            health_cell(r),
         ])
     return out.getvalue()
+
+
+def health_cell(row: dict) -> str:
+    """A row's training-health verdict for a CSV cell: the failure, "ok" for a phase checked
+    and healthy (None), empty for a row written before the check existed (nothing is known)."""
+    if "health" not in row:
+        return ""
+    return row["health"] or "ok"

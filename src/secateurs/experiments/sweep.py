@@ -121,9 +121,13 @@ def build_sparsifier(
         kwargs.update(sparsity=sparsity, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     if factory.timing in ("during", "init"):
         kwargs["batches"] = batches
-    clash = sorted(set(p.params) & set(kwargs))
+    clash = sorted(set(p.params) & (set(kwargs) | _SHARED))
     if clash:
-        raise ConfigError(f"prune.params {clash} are set elsewhere in the config (prune.* / train.*); remove them from params")
+        raise ConfigError(
+            f"prune.params {clash} are set elsewhere, not in params: the sparsity by prune.sparsities, the scope and "
+            "the layers by prune.*, the seed at the top, the step counts by train.epochs and data.batch_size, the model, "
+            "optimizer and batches by the sweep; remove them from params"
+        )
     known = _accepted_params(factory)
     unknown = sorted(set(p.params) - set(known) - _SHARED)
     if unknown:
