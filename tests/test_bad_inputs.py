@@ -21,6 +21,7 @@ FILES = {
     "run/config.yaml": "- not\n- a mapping\n",
     "run2/config.yaml": "name: x\n",
     "run2/results.json": "{bad",
+    "run3/config.yaml": "name: x\ndata: {dataset: digits}\nprune: {sparsities: [0.5]}\n",
     "nullmodel.yaml": "data: {dataset: digits}\nmodel:\nprune: {sparsities: [0.5]}\n",
 }
 
@@ -95,6 +96,7 @@ CASES = [
     # run directories
     ("resume a file", ["train", "--resume", "{w}/afile"], "no config.yaml there"),
     ("resume a corrupt run", ["train", "--resume", "{w}/run"], "must hold a mapping of keys"),
+    ("resume with an unknown model", ["train", "--resume", "{w}/run3", "--set", "model.name=nope"], "unknown model 'nope'"),
     ("report a missing directory", ["report", "{w}/nope"], "is not a directory"),
     ("report a run without results", ["report", "{w}"], "has no results yet"),
     ("report corrupt results", ["report", "{w}/run2"], "is corrupted"),

@@ -236,7 +236,7 @@ def test_resume_with_a_change_the_dense_phase_reads_starts_a_new_run(tmp_path, c
     old = next((tmp_path / "r").iterdir())
     results = (old / "results.json").read_text()
     code, out, _ = run_cli(capsys, "train", "--resume", old, "--set", "train.epochs=1", "--no-progress")
-    assert code == 0 and "train.epochs" in out and "nothing of it is reused" in out
+    assert code == 0 and "nothing of it is reused (the dense phase reads the changed key(s) train.epochs)" in out
     assert (old / "results.json").read_text() == results, "the old run is untouched"
     assert len(list((tmp_path / "r").iterdir())) == 2
 
@@ -263,6 +263,70 @@ def test_compare_takes_set_and_a_changed_set_writes_its_own_table(tmp_path, caps
     one_line_error(code, err, "at least one seed")
     code, _, err = run_cli(capsys, *base, "--set", "base.train.epochs=0")
     one_line_error(code, err, "train.epochs is 0")
+
+
+# ------------------------------------------------------------------ --resume with a changed config (review)
+@pytest.mark.parametrize("change,fragment", [("model.name=nope", "unknown model 'nope'"),
+                                             ("prune.method=nope", "unknown method 'nope'")])
+def test_resume_with_a_bad_name_is_refused_before_any_directory_is_made(tmp_path, capsys, change, fragment):
+    config = load_config(write(tmp_path))
+    old = RunDir.for_config(config, tmp_path / "r")
+    old.bind(config)
+    code, out, err = run_cli(capsys, "train", "--resume", old.path, "--set", change, "--no-progress")
+    one_line_error(code, err, fragment)
+    assert "new run" not in out and list((tmp_path / "r").iterdir()) == [old.path], "no orphan directory"
+
+
+def test_resume_with_a_change_continues_an_interrupted_dense_phase(tmp_path, capsys, monkeypatch):
+    """Killed during its dense phase, a run has a per-epoch dense.pt but no dense row: a changed
+    fine-tuning still starts from it, and the dense training goes on from its last epoch."""
+    log = RunDir.log
+
+    def killed_after_the_first_dense_epoch(self, record):
+        log(self, record)
+        if record.get("phase") == "dense" and record.get("epoch") == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunDir, "log", killed_after_the_first_dense_epoch)
+    assert run_cli(capsys, "train", "--config", write(tmp_path), "--runs-dir", tmp_path / "r", "--no-progress")[0] == 130
+    monkeypatch.undo()
+    old = next((tmp_path / "r").iterdir())
+    assert (old / "checkpoints" / "dense.pt").is_file() and not RunDir(old).results()["levels"]
+    code, out, err = run_cli(capsys, "train", "--resume", old, "--set", "finetune.optimizer.lr=0.05", "--no-progress")
+    assert code == 0, err
+    assert "its unfinished dense phase is copied and continued" in out and "resumed dense training at epoch 1/2" in out
+    new = RunDir(next(p for p in (tmp_path / "r").iterdir() if p != old))
+    assert [r["phase"] for r in new.results()["levels"]] == ["dense", "sparsity-0.5"]
+    assert new.results()["levels"][0]["epochs"] == 2
+    assert [r["epoch"] for r in new.metrics() if r["phase"] == "dense"] == [1, 2]
+
+
+def test_resume_reuses_the_dense_phase_whenever_the_new_run_trains_the_same_one(tmp_path, capsys, monkeypatch):
+    """prune.dense_baseline does not matter to a method that prunes after training (it trains
+    the dense network anyway), and an explicit --runs-dir runs is honoured."""
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(capsys, "train", "--config", write(tmp_path), "--runs-dir", "old", "--no-progress")[0] == 0
+    old = next((tmp_path / "old").iterdir())
+    code, out, err = run_cli(capsys, "train", "--resume", old, "--set", "prune.dense_baseline=false",
+                             "--runs-dir", "runs", "--no-progress")
+    assert code == 0, err
+    assert "its finished dense phase is reused" in out and "resumed dense" not in out
+    new = next((tmp_path / "runs").iterdir())
+    assert (new / "checkpoints" / "dense.pt").read_bytes() == (old / "checkpoints" / "dense.pt").read_bytes()
+    assert len(list((tmp_path / "old").iterdir())) == 1
+
+
+def test_resume_says_why_nothing_is_reused(tmp_path, capsys):
+    from secateurs.experiments.sweep import dense_reuse
+
+    config = load_config(write(tmp_path), {"prune.method": "gmp", "prune.dense_baseline": False})
+    old = RunDir.for_config(config, tmp_path / "r")
+    old.bind(config)
+    assert dense_reuse(old, load_config(write(tmp_path), {"prune.method": "gmp"})) == f"{old.path} has no dense checkpoint yet"
+    assert dense_reuse(old, load_config(write(tmp_path), {"prune.method": "gmp", "prune.dense_baseline": False,
+                                                         "prune.sparsities": [0.9]})) == (
+        "the new run trains no dense phase (gmp prunes during training and prune.dense_baseline is false)")
+    assert dense_reuse(old, load_config(write(tmp_path), {"seed": 3})).startswith("the dense phase reads the changed key(s) ")
 
 
 # -------------------------------------------------------------------- one key, one place (review)

@@ -80,30 +80,32 @@ TRAIN_FLAGS = {
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .experiments import RunDir, load_config
-    from .experiments.sweep import run_sweep
+    from .experiments.sweep import check_sweep, dense_reuse, run_sweep
 
     overrides = _overrides(args, TRAIN_FLAGS)
+    start_from = None
     if args.resume:
-        from .experiments.sweep import continue_from
-
         run = RunDir(args.resume)
-        saved = run.config_path
-        if not saved.is_file():
+        if not run.config_path.is_file():
             raise ConfigError(f"--resume {args.resume}: no config.yaml there; is it a run directory?")
-        config = load_config(args.config or saved, overrides)
-        if run.changes(config):
-            old = run
-            run, changed = continue_from(old, config, args.runs_dir if args.runs_dir != "runs" else old.path.parent)
-            reused = "its finished dense phase is reused" if run.checkpoint("dense").is_file() else (
-                "nothing of it is reused (the dense phase depends on the changed keys)")
-            print(f"--resume with a changed config ({', '.join(changed[:8]) or 'name'}): runs never mix, so this is "
-                  f"a new run of the changed config, next to {old.path}; {reused}")
-        run.bind(config)  # refuses a directory that holds another config's run
+        config = load_config(args.config or run.config_path, overrides)
+        changed = run.changes(config)
+        if changed:
+            check_sweep(config)  # a bad name fails before the message and before any directory is made
+            start_from, run = run, RunDir.for_config(config, args.runs_dir if args.runs_dir is not None else run.path.parent)
+            why_not = dense_reuse(start_from, config)
+            finished = any(r.get("phase") == "dense" for r in start_from.results().get("levels", []))
+            reused = (f"nothing of it is reused ({why_not})" if why_not else
+                      f"{run.path} exists already and goes on with its own dense phase" if run.checkpoint("dense").is_file() else
+                      "its finished dense phase is reused" if finished else
+                      "its unfinished dense phase is copied and continued from its last epoch")
+            print(f"--resume with a changed config ({', '.join(changed[:8])}): runs never mix, so this is "
+                  f"a new run of the changed config and {start_from.path} is left as it is; {reused}")
     else:
         config = load_config(args.config, overrides)
-        run = RunDir.for_config(config, args.runs_dir)
+        run = RunDir.for_config(config, args.runs_dir if args.runs_dir is not None else "runs")
     print(f"run directory: {run.path}")
-    run_sweep(config, run, progress=not args.no_progress)
+    run_sweep(config, run, progress=not args.no_progress, start_from=start_from)
     _report(run, print_table=True)
     return 0
 
@@ -280,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", type=Path, help="experiment YAML (see configs/)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.epochs=3")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue this run directory (its config must not change)")
-    train.add_argument("--runs-dir", default="runs", help="where run directories are created (default: runs)")
+    train.add_argument("--runs-dir", help="where run directories are created (default: runs; with --resume and a "
+                       "changed config, next to the resumed run)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     for flag, kind, text in [
         ("--name", str, "run name"), ("--seed", int, "random seed"), ("--device", str, "auto, cpu or cuda"),

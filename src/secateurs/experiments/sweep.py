@@ -160,6 +160,28 @@ def _accepted_params(factory) -> list[str]:
     return [n for n in dict.fromkeys(names) if n not in _SHARED and n not in ("score", "types")]
 
 
+def check_sweep(config: ExperimentConfig, dense_only: bool = False) -> None:
+    """The checks that need no data (device, model and method names, the levels), so a bad
+    name fails before a run directory is created or anything is copied into one.
+
+    A sweep prunes: one without ``prune.sparsities`` is refused rather than run as a
+    dense-only job nobody asked for, unless ``dense_only`` says that is the point (the dense
+    line of a comparison)."""
+    from ..models import MODELS
+    from .config import check_device
+
+    check_device(config.device)
+    MODELS.get(config.model.name)
+    METHODS.get(config.prune.method)
+    if not config.prune.sparsities and not dense_only:
+        raise ConfigError(
+            f"prune.sparsities is empty, so {config.prune.method!r} would prune nothing and only the dense network "
+            "would train. Give the levels: --sparsity 0.9 (repeat for more) or prune.sparsities: [0.9, 0.95]"
+        )
+    if config.prune.sparsities and dense_only:
+        raise ConfigError(f"dense_only=True but prune.sparsities is {list(config.prune.sparsities)}; drop one of them")
+
+
 def run_sweep(
     config: ExperimentConfig,
     run: RunDir,
@@ -168,83 +190,48 @@ def run_sweep(
     echo: Callable[[str], None] = print,
     dataset: ImageDataset | None = None,
     dense_only: bool = False,
+    start_from: RunDir | None = None,
 ) -> dict:
     """Run (or resume, or reuse) the experiment in ``run``; returns the results dict.
 
-    A sweep prunes: one without ``prune.sparsities`` is refused rather than run as a
-    dense-only job nobody asked for, unless ``dense_only`` says that is the point (the dense
-    line of a comparison)."""
-    METHODS.get(config.prune.method)  # bad names fail before the run directory is created
-    if not config.prune.sparsities and not dense_only:
-        raise ConfigError(
-            f"prune.sparsities is empty, so {config.prune.method!r} would prune nothing and only the dense network "
-            "would train. Give the levels: --sparsity 0.9 (repeat for more) or prune.sparsities: [0.9, 0.95]"
-        )
-    if config.prune.sparsities and dense_only:
-        raise ConfigError(f"dense_only=True but prune.sparsities is {list(config.prune.sparsities)}; drop one of them")
-    try:
-        return execute(run, config, lambda data: _Sweep(config, run, data, progress, echo).run(),
-                       echo=echo, dataset=dataset)
-    except _PhaseDiverged as e:
-        done = sorted(p.name for p in run.checkpoints.glob("*.pt")) if run.checkpoints.is_dir() else []
-        timing = METHODS.get(config.prune.method).timing
-        section = "finetune" if e.phase != "dense" and timing == "after" else "train"
-        lr = getattr(config, section).optimizer.lr
-        reuse = " (a new run directory that starts from this run's finished dense phase)" if section == "finetune" else ""
-        raise NonFiniteLossError(
-            f"{e.phase}: {e.error} Finished phases are kept in {run.checkpoints} ({', '.join(done) or 'none yet'}). "
-            f"To go on with a lower learning rate: secateurs train --resume {run.path} --set {section}.optimizer.lr={lr / 10:g}"
-            f"{reuse}"
-        ) from None
-
-
-class _PhaseDiverged(Exception):
-    def __init__(self, phase: str, error: NonFiniteLossError):
-        super().__init__(str(error))
-        self.phase, self.error = phase, error
+    ``start_from``: another run whose dense phase this one may start from (``secateurs train
+    --resume DIR --set ...``): when :func:`dense_reuse` allows it and ``run`` has no dense
+    phase of its own, its dense checkpoint (finished, or an interrupted one's last epoch,
+    which is then continued), log and row are copied in, after every check has passed."""
+    check_sweep(config, dense_only)
+    return execute(run, config, lambda data: _Sweep(config, run, data, progress, echo, start_from).run(),
+                   echo=echo, dataset=dataset)
 
 
 #: Config sections the dense phase does not read: a run that differs from another only here
-#: can start from the other's finished dense phase.
+#: can start from the other's dense phase.
 _AFTER_DENSE = ("name", "prune", "finetune")
 
 
-def continue_from(old: RunDir, config: ExperimentConfig, runs_root: str | Path) -> tuple[RunDir, list[str]]:
-    """The run directory for ``config``, a changed version of the run in ``old`` (``--resume
-    DIR --set ...``, e.g. a lower fine-tuning lr after a divergence). Runs never mix, so it is
-    a new directory; when only sections the dense phase does not read changed (``prune``,
-    ``finetune``), ``old``'s finished dense phase is copied into it so it is not trained again.
-    Returns the directory and the changed keys."""
-    import shutil
-
-    from .runs import _with_defaults
-
-    saved = _with_defaults(old.saved_config() or {})
-    changed = old.changes(config)
-    new = RunDir.for_config(config, runs_root)
-    rows = {r["phase"]: r for r in old.results().get("levels", [])}
-    reusable = all(k.split(".")[0] in _AFTER_DENSE for k in changed) and config.prune.dense_baseline == saved.get("prune", {}).get("dense_baseline", True)
-    if reusable and "dense" in rows and old.checkpoint("dense").is_file() and not new.results_path.is_file():
-        new.bind(config)
-        with new.lock():
-            new.checkpoints.mkdir(parents=True, exist_ok=True)
-            tmp = new.checkpoints / ".dense.pt.copy"
-            shutil.copyfile(old.checkpoint("dense"), tmp)
-            tmp.replace(new.checkpoint("dense"))
-            for record in old.metrics():
-                if record.get("phase") == "dense":
-                    new.log(record)
-            new.write_results({**{k: v for k, v in old.results().items() if k != "levels"},
-                               "config_hash": config.short_hash(), "complete": False, "levels": [rows["dense"]]})
-    return new, changed
+def dense_reuse(old: RunDir, config: ExperimentConfig) -> str | None:
+    """Why ``config``'s run (a changed version of the run in ``old``) cannot start from
+    ``old``'s dense phase, or None when it can: the new run trains a dense phase, the keys that
+    changed are none the dense phase reads, and ``old`` has a dense checkpoint."""
+    reads = [k for k in old.changes(config) if k.split(".")[0] not in _AFTER_DENSE]
+    if reads:
+        return f"the dense phase reads the changed key(s) {', '.join(reads[:8])}"
+    timing = METHODS.get(config.prune.method).timing
+    if not (timing == "after" or config.prune.dense_baseline):
+        return (f"the new run trains no dense phase ({config.prune.method} prunes "
+                f"{'at initialisation' if timing == 'init' else 'during training'} and prune.dense_baseline is false)")
+    if not old.checkpoint("dense").is_file():
+        return f"{old.path} has no dense checkpoint yet"
+    return None
 
 
 class _Sweep:
     """One sweep's shared context (config, run directory, data, FLOP counts) and its phases."""
 
-    def __init__(self, config: ExperimentConfig, run: RunDir, dataset: ImageDataset, progress: bool, echo):
+    def __init__(self, config: ExperimentConfig, run: RunDir, dataset: ImageDataset, progress: bool, echo,
+                 start_from: RunDir | None = None):
         self.config, self.run_dir, self.dataset = config, run, dataset
         self.progress, self.echo = progress, echo
+        self.start_from = start_from if start_from is not None and dense_reuse(start_from, config) is None else None
         self.data = _Data(config, dataset)
         self.timing = METHODS.get(config.prune.method).timing
         if self.timing == "during" and config.prune.reset != "keep":
@@ -283,27 +270,65 @@ class _Sweep:
             method=config.prune.method, timing=self.timing,
         )
         rows: dict[str, dict] = {r["phase"]: r for r in results.get("levels", [])}
-        model = build_model(config, self.dataset)
-        if self.timing == "after" or config.prune.dense_baseline:
-            if "dense" in rows and run.checkpoint("dense").is_file():
-                model.load_state_dict(load_checkpoint(run.checkpoint("dense"))["model"])
-            else:
-                rows["dense"] = _phase("dense", self.dense, model)
+        if self.start_from is not None and "dense" not in rows and not run.checkpoint("dense").is_file():
+            row = self._adopt_dense(self.start_from)
+            if row is not None:
+                rows["dense"] = row
                 _save(run, results, rows, complete=False)
-        previous = run.checkpoint("dense")
-        levels = config.prune.sparsities
-        for index, target in enumerate(levels, start=1):
-            phase = f"sparsity-{target:g}"
-            desc = f"{config.prune.method} {target:g} ({index}/{len(levels)})"
-            if not (phase in rows and run.checkpoint(phase).is_file()):
-                if self.timing == "after":
-                    rows[phase] = _phase(phase, self.after_training_level, model, target, index, previous, desc)
+        phase = "dense"
+        try:
+            model = build_model(config, self.dataset)
+            if self.timing == "after" or config.prune.dense_baseline:
+                if "dense" in rows and run.checkpoint("dense").is_file():
+                    model.load_state_dict(load_checkpoint(run.checkpoint("dense"))["model"])
                 else:
-                    rows[phase] = _phase(phase, self.sparse_training_level, target, index, desc)
-                _save(run, results, rows, complete=False)
-            previous = run.checkpoint(phase)
+                    rows["dense"] = self.dense(model)
+                    _save(run, results, rows, complete=False)
+            previous = run.checkpoint("dense")
+            levels = config.prune.sparsities
+            for index, target in enumerate(levels, start=1):
+                phase = f"sparsity-{target:g}"
+                desc = f"{config.prune.method} {target:g} ({index}/{len(levels)})"
+                if not (phase in rows and run.checkpoint(phase).is_file()):
+                    if self.timing == "after":
+                        rows[phase] = self.after_training_level(model, target, index, previous, desc)
+                    else:
+                        rows[phase] = self.sparse_training_level(target, index, desc)
+                    _save(run, results, rows, complete=False)
+                previous = run.checkpoint(phase)
+        except NonFiniteLossError as e:
+            raise self._diverged(phase, e) from None
         _save(run, results, rows, complete=True)
         return run.results()
+
+    def _adopt_dense(self, old: RunDir) -> dict | None:
+        """Start from ``old``'s dense phase (see :func:`run_sweep`): its log lines and its
+        checkpoint, which :meth:`dense` continues if it was interrupted; returns its row if
+        it finished."""
+        import shutil
+
+        run = self.run_dir
+        for record in old.metrics():
+            if record.get("phase") == "dense":
+                run.log(record)
+        run.checkpoints.mkdir(parents=True, exist_ok=True)
+        tmp = run.checkpoints / ".dense.pt.copy"
+        shutil.copyfile(old.checkpoint("dense"), tmp)
+        tmp.replace(run.checkpoint("dense"))
+        return next((r for r in old.results().get("levels", []) if r.get("phase") == "dense"), None)
+
+    def _diverged(self, phase: str, error: NonFiniteLossError) -> NonFiniteLossError:
+        """The divergence of ``phase``, with the command that goes on at a lower learning rate."""
+        config, run = self.config, self.run_dir
+        done = sorted(p.name for p in run.checkpoints.glob("*.pt")) if run.checkpoints.is_dir() else []
+        section = "finetune" if phase != "dense" and self.timing == "after" else "train"
+        lr = getattr(config, section).optimizer.lr
+        reuse = " (a new run directory that starts from this run's finished dense phase)" if section == "finetune" else ""
+        return NonFiniteLossError(
+            f"{phase}: {error} Finished phases are kept in {run.checkpoints} ({', '.join(done) or 'none yet'}). "
+            f"To go on with a lower learning rate: secateurs train --resume {run.path} --set {section}.optimizer.lr={lr / 10:g}"
+            f"{reuse}"
+        )
 
     def dense(self, model) -> dict:
         config = self.config
@@ -385,14 +410,6 @@ class _Sweep:
         row["flops"] = _flops(self.macs, sparsifier.history, total, _densities(sparsifier), initial)
         row["updates"] = sum(1 for h in sparsifier.history if h["kind"] != "init")
         return row
-
-
-def _phase(name: str, body, *args):
-    """Run one phase; a divergence is reported with the phase's name."""
-    try:
-        return body(*args)
-    except NonFiniteLossError as e:
-        raise _PhaseDiverged(name, e) from None
 
 
 def _reset(config: ExperimentConfig, model, sparsifier: Sparsifier, dataset: ImageDataset) -> None:
