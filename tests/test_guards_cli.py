@@ -361,3 +361,45 @@ def test_a_row_written_before_the_health_check_has_no_verdict_in_the_csv():
     cells = [line.rsplit(",", 1)[1] for line in to_csv([row, {**row, "health": None}]).splitlines()[1:]]
     assert cells == ["", "ok"]
 
+
+def test_health_unset_is_the_commands_default_and_a_set_one_is_kept(tmp_path, monkeypatch):
+    """Indicators record an architecture that cannot learn (mark) unless the config says
+    health: error; train stops (error) unless it says mark."""
+    from secateurs.experiments import indicators
+    from secateurs.experiments.config import PhaseConfig
+    from secateurs.experiments.indicators import load_indicators_config, run_indicators
+
+    assert PhaseConfig().train_config(seed=0, device="cpu").health == "error"
+    assert PhaseConfig().train_config(seed=0, device="cpu", health="mark").health == "mark"
+    assert PhaseConfig(health="error").train_config(seed=0, device="cpu", health="mark").health == "error"
+    seen = []
+
+    class Recording(indicators.Trainer):
+        def __init__(self, model, data, cfg, **kwargs):
+            seen.append(cfg.health)
+            super().__init__(model, data, cfg, **kwargs)
+
+    monkeypatch.setattr(indicators, "Trainer", Recording)
+    base = {"device": "cpu", "data": {"dataset": "digits", "batch_size": 64, "eval_batch_size": 512},
+            "indicators": {"ntk_batch": 8, "region_samples": 32, "repeats": 1},
+            "train": {"epochs": 1, "optimizer": {"name": "adam", "lr": 1e-2}},
+            "architectures": [{"kind": "mlp", "hidden": [8]}, {"kind": "mlp", "hidden": [16]}]}
+    for overrides, expected in (({}, "mark"), ({"train.health": "error"}, "error")):
+        config = load_indicators_config(None, {**base, **overrides})
+        run_indicators(config, RunDir.for_config(config, tmp_path), progress=False, echo=lambda s: None)
+        assert seen == [expected, expected]
+        seen.clear()
+
+
+def test_a_run_saved_while_health_read_as_error_still_resumes(tmp_path):
+    config = load_config(write(tmp_path))
+    run = RunDir.for_config(config, tmp_path / "r")
+    run.bind(config)
+    saved = yaml.safe_load(run.config_path.read_text())
+    assert saved["train"]["health"] is None
+    saved["train"]["health"] = saved["finetune"]["health"] = "error"  # as the previous version wrote it
+    run.config_path.write_text(yaml.safe_dump(saved))
+    assert run.changes(config) == []
+    assert run.changes(load_config(write(tmp_path), {"train.health": "mark"})) == ["train.health"]
+    assert RunDir.for_config(load_config(write(tmp_path), {"train.health": "error"}), tmp_path / "r").path != run.path
+

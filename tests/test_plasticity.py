@@ -82,3 +82,37 @@ def test_plasticity_bad_input(tmp_path):
     with pytest.raises(ConfigError, match="not shorter"):
         run_plasticity(load_plasticity(write(tmp_path, {**STUDY, "regeneration": {"every": 10000}})),
                        tmp_path / "runs", progress=False, echo=lambda s: None)
+
+
+def test_cells_mark_a_failure_unless_the_config_sets_health_and_the_table_shows_it(tmp_path, monkeypatch):
+    from secateurs import train
+    from secateurs.experiments.plasticity import _write, format_plasticity
+
+    seen = []
+
+    class Recording(train.Trainer):
+        def __init__(self, model, data, cfg, **kwargs):
+            seen.append((kwargs.get("progress_desc"), cfg.health))
+            super().__init__(model, data, cfg, **kwargs)
+
+    monkeypatch.setattr(train, "Trainer", Recording)
+    small = {**STUDY, "prune_epochs": [1], "ratios": [0.5],
+             "base": {**STUDY["base"], "train": {**STUDY["base"]["train"], "epochs": 1, "lr_schedule": {"name": "constant"}}}}
+    run_plasticity(load_plasticity(write(tmp_path, small)), tmp_path / "a", progress=False, echo=lambda s: None)
+    assert seen == [("dense", "error"), ("t=1 p=0.5", "mark"), ("t=1 p=0.5 +regen", "mark")]
+    seen.clear()
+    run_plasticity(load_plasticity(write(tmp_path, small), {"base.train.health": "error"}), tmp_path / "b",
+                   progress=False, echo=lambda s: None)
+    assert [h for _, h in seen] == ["error"] * 3, "an explicit health: error is kept for the cells too"
+    # the verdict is in the table and the CSV, not only in the JSON
+    cell = {"epoch": 1, "ratio": 0.5, "lr": 0.05, "acc_pre": 0.9, "acc_pruned": 0.5, "acc_continue": 0.1,
+            "plasticity": -0.8, "sparsity": 0.5}
+    cells = [{**cell, "regeneration": False, "health": "after epoch 1 the training loss is 2.3, not below chance"},
+             {**cell, "regeneration": True, "health": None}]
+    table = format_plasticity(cells)
+    assert "-80.00! / -80.00 |" in table
+    assert "! epoch 1, prune 50%, regeneration off: after epoch 1 the training loss is 2.3, not below chance" in table
+    _write(tmp_path, load_plasticity(write(tmp_path, small)), cells)
+    lines = (tmp_path / "plasticity.csv").read_text().splitlines()
+    assert lines[0].endswith(",health") and lines[1].endswith(',"after epoch 1 the training loss is 2.3, not below chance"')
+    assert lines[2].endswith(",ok")

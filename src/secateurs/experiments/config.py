@@ -54,12 +54,14 @@ class PhaseConfig:
     grad_clip: float | None = None
     label_smoothing: float = 0.0
     eval_every: int | None = None  # steps between validation/test evaluations (None: per epoch)
-    health: str = "error"  # a phase that learns nothing: "error" stops the run, "mark" records it
+    #: A phase that learns nothing: "error" stops the run, "mark" records it, "off" does not
+    #: check; None (unset) is the command's own default (see :meth:`train_config`).
+    health: str | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
             raise ConfigError(f"epochs must be >= 0, got {self.epochs}")
-        if self.health not in HEALTH:
+        if self.health is not None and self.health not in HEALTH:
             raise ConfigError(f"unknown health {self.health!r}; known: {', '.join(HEALTH)}")
         if self.epochs == 0:
             return  # nothing trains: the schedule is never used
@@ -77,14 +79,17 @@ class PhaseConfig:
                 f"{', lr_schedule.name=constant' if len(late) == len(schedule.milestones) else ''}) or train longer"
             )
 
-    def train_config(self, *, seed: int, device: str):
-        """This phase as the training loop's :class:`~secateurs.train.TrainConfig`."""
+    def train_config(self, *, seed: int, device: str, health: str = "error"):
+        """This phase as the training loop's :class:`~secateurs.train.TrainConfig`; ``health``
+        is the command's default for a phase whose config leaves it unset ("error" stops a run
+        that learns nothing; where learning nothing is a measurement, e.g. an architecture that
+        cannot learn, the command passes "mark"). A value the config sets is kept."""
         from ..train import TrainConfig
 
         return TrainConfig(
             epochs=self.epochs, optimizer=self.optimizer, lr_schedule=self.lr_schedule, seed=seed, device=device,
             grad_clip=self.grad_clip, label_smoothing=self.label_smoothing, eval_every=self.eval_every,
-            health=self.health,
+            health=self.health if self.health is not None else health,
         )
 
 

@@ -192,9 +192,8 @@ class _Study:
         phase = f"{arch.label}-seed-{seed}"
         torch.manual_seed(seed)
         model = self.factory(arch)()
-        cfg = replace(_train_config(self.config.train, self.config, 0), seed=seed)
-        if cfg.health == "error":  # an architecture that cannot learn is a data point here, not a failure
-            cfg = replace(cfg, health="mark")
+        # unless the config says otherwise, an architecture that cannot learn is a data point here, not a failure
+        cfg = replace(_train_config(self.config.train, self.config, 0, health="mark"), seed=seed)
         log = lambda record: self.run_dir.log({"phase": phase, **record})  # noqa: E731
         trainer = Trainer(model, self.data.train(seed), cfg, eval_data=self.data.test, val_data=self.data.val,
                           checkpoint_path=self.run_dir.checkpoint(phase), callbacks=[log],
@@ -304,7 +303,8 @@ def plot_indicators(rows: list[dict], taus: dict, path: Path) -> Path:
 
 
 def format_indicators(results: dict) -> str:
-    """Markdown: one row per architecture (most accurate first), then the taus."""
+    """Markdown: one row per architecture (most accurate first), then the taus; "!" marks an
+    architecture one of whose training seeds learned nothing (listed under the table)."""
     rows = sorted(results.get("architectures", []), key=lambda r: -r["test_acc"])
     seeds = results.get("train_seeds") or [0]
     lines = [
@@ -317,8 +317,13 @@ def format_indicators(results: dict) -> str:
     for r in rows:
         rank = f"{r['tenas_rank']:g}" if "tenas_rank" in r else "-"
         std = f" ± {100 * r['test_acc_std']:.2f}" if len(r.get("runs", [])) > 1 else ""
+        failed = "!" if any(run.get("health") for run in r.get("runs", [])) else ""
         lines.append(f"| {r['label']} | {r['parameters']:,} | {r['log_condition_number']:.2f} | {r['regions']:.1f} | "
-                     f"{rank} | {100 * r['test_acc']:.2f}{std} |")
+                     f"{rank} | {100 * r['test_acc']:.2f}{std}{failed} |")
+    failures = [(r["label"], run) for r in rows for run in r.get("runs", []) if run.get("health")]
+    if failures:
+        lines.append("")
+        lines += [f"! {label}, seed {run['seed']} learned nothing: {run['health']}" for label, run in failures]
     if results.get("tau"):
         lines += ["", "| indicator | Kendall tau | p-value |", "|---|---|---|"]
         for t in results["tau"].values():

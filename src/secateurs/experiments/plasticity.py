@@ -172,9 +172,8 @@ def _cell(study, config, data, dataset, state, epoch, ratio, regen, progress) ->
         model, optimizer, score=magnitude, sparsity=ratio, scope="global",
         regrowth=GradientRegrowth() if regen else None, swap_schedule=regeneration, seed=config.seed,
     )
-    cfg = _train_config(phase, config, 0)
-    if cfg.health == "error":  # a network that never recovers from a prune is what plasticity measures
-        cfg = replace(cfg, health="mark")
+    # unless the config says otherwise, a network that never recovers from a prune is what plasticity measures
+    cfg = _train_config(phase, config, 0, health="mark")
     trainer = Trainer(model, train_data, cfg, optimizer=optimizer,
                       sparsifier=sparsifier, eval_data=data.test, progress=progress,
                       progress_desc=f"t={epoch} p={ratio:g}{' +regen' if regen else ''}")
@@ -193,10 +192,17 @@ def _cell(study, config, data, dataset, state, epoch, ratio, regen, progress) ->
 def _write(out_dir: Path, study: PlasticityConfig, cells: list[dict]) -> None:
     cells = sorted(cells, key=lambda c: (c["epoch"], c["ratio"], c["regeneration"]))
     atomic_write_text(out_dir / "plasticity.json", json.dumps({"name": study.name, "cells": cells}, indent=2))
-    lines = ["epoch,ratio,regeneration,lr,acc_pre,acc_pruned,acc_continue,plasticity"]
-    lines += [f"{c['epoch']},{c['ratio']},{c['regeneration']},{c['lr']},{c['acc_pre']},{c['acc_pruned']},"
-              f"{c['acc_continue']},{c['plasticity']}" for c in cells]
-    atomic_write_text(out_dir / "plasticity.csv", "\n".join(lines) + "\n")
+    import csv
+    import io
+
+    from ..analysis.report import health_cell
+
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    columns = ["epoch", "ratio", "regeneration", "lr", "acc_pre", "acc_pruned", "acc_continue", "plasticity"]
+    writer.writerow([*columns, "health"])
+    writer.writerows([*(c[k] for k in columns), health_cell(c)] for c in cells)
+    atomic_write_text(out_dir / "plasticity.csv", table.getvalue())
     if cells:
         from ..analysis.plots import plot_plasticity
 
@@ -205,7 +211,8 @@ def _write(out_dir: Path, study: PlasticityConfig, cells: list[dict]) -> None:
 
 def format_plasticity(cells: list[dict]) -> str:
     """Markdown grid: rows = pruning epoch, columns = ratio, cells = change in accuracy (pt),
-    without / with regeneration."""
+    without / with regeneration; "!" marks a cell whose continued training learned nothing
+    (its health verdict), listed under the grid."""
     ratios = sorted({c["ratio"] for c in cells})
     epochs = sorted({c["epoch"] for c in cells})
     by = {(c["epoch"], c["ratio"], c["regeneration"]): c for c in cells}
@@ -216,7 +223,12 @@ def format_plasticity(cells: list[dict]) -> str:
         row = []
         for r in ratios:
             a, b = by.get((t, r, False)), by.get((t, r, True))
-            fmt = lambda c: "?" if c is None else f"{100 * c['plasticity']:+.2f}"  # noqa: E731
+            fmt = lambda c: "?" if c is None else f"{100 * c['plasticity']:+.2f}" + ("!" if c.get("health") else "")  # noqa: E731
             row.append(f"{fmt(a)} / {fmt(b)}")
         lines.append(f"| {t} ({lr:g}) | " + " | ".join(row) + " |")
+    failed = [c for c in sorted(cells, key=lambda c: (c["epoch"], c["ratio"], c["regeneration"])) if c.get("health")]
+    if failed:
+        lines.append("")
+        lines += [f"! epoch {c['epoch']}, prune {100 * c['ratio']:g}%, regeneration {'on' if c['regeneration'] else 'off'}: "
+                  f"{c['health']}" for c in failed]
     return "\n".join(lines) + "\n"

@@ -87,6 +87,13 @@ class RunDir:
         if saved is None:
             return []
         saved, mine = _with_defaults(saved, type(config)), config.to_dict()
+        for key, section in saved.items():
+            # written while a phase's unset health read as "error", which meant what unset
+            # (None: the command's default) means now
+            theirs = mine.get(key)
+            if isinstance(section, dict) and section.get("health") == "error" and isinstance(theirs, dict) \
+                    and "health" in theirs and theirs["health"] is None:
+                section["health"] = None
         return sorted(_flat_keys(_diff(mine, saved)) | _flat_keys(_diff(saved, mine)))
 
     def bind(self, config: HashedConfig) -> None:

@@ -34,8 +34,8 @@ from .config import ExperimentConfig, PhaseConfig
 from .runs import RunDir, atomic_write_text, execute
 
 
-def _train_config(phase: PhaseConfig, config: ExperimentConfig, index: int) -> TrainConfig:
-    return phase.train_config(seed=config.seed * 1000 + index, device=config.device)
+def _train_config(phase: PhaseConfig, config: ExperimentConfig, index: int, health: str = "error") -> TrainConfig:
+    return phase.train_config(seed=config.seed * 1000 + index, device=config.device, health=health)
 
 
 class _Data:
