@@ -70,6 +70,8 @@ CASES = [
     ("--set unknown key", [*T, "--set", "train.epoch=1", "--sparsity", "0.5"], "unknown config key(s) train.epoch"),
     ("--set a section to a number", [*T, "--set", "train=3", "--sparsity", "0.5"], "train must be a mapping"),
     ("--set into a number", [*T, "--set", "seed.x=3", "--sparsity", "0.5"], "seed must be int"),
+    ("--set a section to a number under lenet5", [*T, "--model", "lenet5", "--set", "train=3", "--sparsity", "0.5"],
+     "train must be a mapping"),
     ("a flag and --set on one key", [*T, "--epochs", "3", "--set", "train.epochs=1", "--sparsity", "0.5"],
      "train.epochs is given twice (--set train.epochs=1 and --epochs 3)"),
     ("--set a key inside another --set", [*T, "--set", "train.optimizer={lr: 0.3}", "--set", "train.optimizer.lr=0.2"],

@@ -403,3 +403,22 @@ def test_a_run_saved_while_health_read_as_error_still_resumes(tmp_path):
     assert run.changes(load_config(write(tmp_path), {"train.health": "mark"})) == ["train.health"]
     assert RunDir.for_config(load_config(write(tmp_path), {"train.health": "error"}), tmp_path / "r").path != run.path
 
+
+# ----------------------------------------------------------------- the model's defaults everywhere (review)
+def test_lenet5_gets_its_learning_rate_in_every_command_that_trains_it():
+    from secateurs.experiments.lottery import load_lottery_config
+    from secateurs.experiments.plasticity import PlasticityConfig
+
+    study = PlasticityConfig(name="p", prune_epochs=(1,), ratios=(0.5,), base={"model": {"name": "lenet5"}})
+    assert study.experiment().train.optimizer.lr == 0.02 and study.experiment().finetune.optimizer.lr == 0.02
+    lottery = load_lottery_config(None, {"model.name": "lenet5"})
+    assert lottery.train.optimizer.lr == 0.02, "lottery has no finetune section, and none is made up"
+    assert load_lottery_config(None, {"model.name": "lenet5", "train.optimizer.lr": 0.3}).train.optimizer.lr == 0.3
+
+
+@pytest.mark.parametrize("overrides,fragment", [({"train": 5}, "train must be a mapping of keys, got int 5"),
+                                                ({"train.optimizer": None}, "train.optimizer is empty (null)")])
+def test_a_malformed_section_is_reported_as_itself_not_as_the_model_default(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")) as e:
+        load_config(None, {"model.name": "lenet5", **overrides})
+    assert "cannot set" not in str(e.value)

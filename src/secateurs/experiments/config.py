@@ -371,23 +371,31 @@ def _marker(command: str) -> str:
     return next(f"a {key!r} section" for key, cmd in COMMAND_KEYS.items() if cmd == command)
 
 
-def with_model_defaults(data: Mapping[str, Any]) -> dict:
+def with_model_defaults(data: Mapping[str, Any], kind: type | None = None) -> dict:
     """``data`` with the chosen model's own training defaults (a factory's ``train_defaults``,
     dotted keys, e.g. LeNet-5's learning rate) filled in where the config leaves them unset.
-    They are written into the run's config, so its hash and ``config.yaml`` show them."""
+    They are written into the run's config, so its hash and ``config.yaml`` show them.
+
+    ``kind``: the config class ``data`` is for (default :class:`ExperimentConfig`); only keys
+    under its own top-level sections are filled (a lottery config has no ``finetune``). A key
+    whose section is there but is not a mapping (``train: 5``) is left for the config's own
+    check to report."""
     from ..models import MODELS
 
+    sections = {f.name for f in dataclasses.fields(kind or ExperimentConfig)}
     model = data.get("model")
     name = (model or {}).get("name", ModelConfig.name) if isinstance(model, (dict, type(None))) else None
     if not isinstance(name, str) or name not in MODELS:
         return dict(data)  # a bad or unknown name fails later, with the known names
     out = dict(data)
     for key, value in getattr(MODELS.get(name), "train_defaults", {}).items():
+        if key.split(".")[0] not in sections:
+            continue
         *parents, leaf = key.split(".")
         node = out
         for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if not (isinstance(node, dict) and leaf in node):
+            node = node.get(part, {}) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf not in node:
             out = apply_overrides(out, {key: value})
     return out
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -38,7 +39,7 @@ from ..grow.linearize import (
 )
 from ..train import Trainer, build_optimizer, evaluate, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..train.config import OptimizerConfig
-from .config import DataConfig, HashedConfig, ModelConfig, PhaseConfig, load_typed
+from .config import DataConfig, HashedConfig, ModelConfig, PhaseConfig, load_typed, with_model_defaults
 from .runs import RunDir, atomic_write_text, execute
 from .sweep import _Data, phase_trainer, build_model
 
@@ -110,7 +111,8 @@ class LinearizeConfig(HashedConfig):
 def load_linearize_config(
     path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
 ) -> LinearizeConfig:
-    return load_typed(LinearizeConfig, path, overrides, "linearize config")
+    return load_typed(LinearizeConfig, path, overrides, "linearize config",
+                      prepare=partial(with_model_defaults, kind=LinearizeConfig))
 
 
 def _phase(budget: float) -> str:

@@ -31,6 +31,7 @@ import math
 import time
 import zlib
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -48,7 +49,8 @@ from ..resets import KEPT_INITS, init_kept_, rewind_
 from ..schedules import parse_duration
 from ..train import Trainer, TrainConfig, build_optimizer, load_checkpoint, save_checkpoint
 from ..train.optim import build_lr_schedule
-from .config import DataConfig, HashedConfig, ModelConfig, PhaseConfig, aggregate_dir, load_typed, read_yaml
+from .config import (DataConfig, HashedConfig, ModelConfig, PhaseConfig, aggregate_dir, load_typed, read_yaml,
+                     with_model_defaults)
 from .runs import RunDir, atomic_write_text, execute
 from .sweep import _Data, build_model
 
@@ -143,7 +145,8 @@ class LotteryConfig(HashedConfig):
 
 
 def load_lottery_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> LotteryConfig:
-    return load_typed(LotteryConfig, path, overrides, "lottery config", drop=("seeds",))  # seeds: the CLI's list
+    return load_typed(LotteryConfig, path, overrides, "lottery config", drop=("seeds",),  # seeds: the CLI's list
+                      prepare=partial(with_model_defaults, kind=LotteryConfig))
 
 
 def config_seeds(path: str | Path) -> list[int]:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from ..errors import ConfigError
 from ..typed_config import from_dict
-from .config import ExperimentConfig, aggregate_dir, load_typed
+from .config import ExperimentConfig, aggregate_dir, load_typed, with_model_defaults
 from .runs import RunDir, atomic_write_text
 
 
@@ -57,7 +57,7 @@ class PlasticityConfig:
             raise ConfigError(f"continue_epochs must be >= 1, got {self.continue_epochs}")
 
     def experiment(self) -> ExperimentConfig:
-        config = from_dict(ExperimentConfig, {**self.base, "name": f"{self.name}-dense"})
+        config = from_dict(ExperimentConfig, with_model_defaults({**self.base, "name": f"{self.name}-dense"}))
         if max(self.prune_epochs) > config.train.epochs:
             raise ConfigError(
                 f"prune_epochs {list(self.prune_epochs)} go beyond the dense run's {config.train.epochs} "

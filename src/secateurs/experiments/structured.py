@@ -32,6 +32,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -46,7 +47,7 @@ from ..structured import (
 )
 from ..structured.prune import SCOPES as STRUCTURED_SCOPES
 from ..train import Trainer, load_checkpoint, save_checkpoint
-from .config import DataConfig, HashedConfig, ModelConfig, PhaseConfig, load_typed
+from .config import DataConfig, HashedConfig, ModelConfig, PhaseConfig, load_typed, with_model_defaults
 from .runs import RunDir, atomic_write_text, execute
 from .sweep import _Data, phase_trainer, build_model
 
@@ -125,7 +126,8 @@ class StructuredConfig(HashedConfig):
 def load_structured_config(
     path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
 ) -> StructuredConfig:
-    return load_typed(StructuredConfig, path, overrides, "structured config")
+    return load_typed(StructuredConfig, path, overrides, "structured config",
+                      prepare=partial(with_model_defaults, kind=StructuredConfig))
 
 
 def _phase(target: float) -> str:
