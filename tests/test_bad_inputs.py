@@ -1,6 +1,7 @@
 """The catalogue of bad inputs (issue 20's measure): every one is answered with one line on
 stderr and exit status 2, naming the problem; nothing is trained. Run in-process, so the whole
 catalogue costs seconds."""
+import re
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,10 @@ CASES = [
     ("missing config", ["train", "--config", "{w}/nope.yaml"], "does not exist"),
     ("config is a directory", ["train", "--config", "{w}"], "is a directory"),
     ("a compare config to train", ["train", "--config", "{c}/dst_lenet5_fashion.yaml"], "secateurs compare --config"),
-    ("a train config to compare", ["compare", "--config", "{c}/demo_lenet300_mnist.yaml"], "unknown config key(s)"),
+    ("a train config to compare", ["compare", "--config", "{c}/demo_lenet300_mnist.yaml"],
+     ("unknown config key(s) data, finetune, model, prune, seed, train; known keys: name, variants, seeds, dense, base. "
+      "{c}/demo_lenet300_mnist.yaml looks like a `secateurs train` config (it has a 'prune' section); "
+      "run it with: secateurs train --config {c}/demo_lenet300_mnist.yaml")),
     ("a section left empty", ["train", "--config", "{w}/nullmodel.yaml"], "model is empty (null)"),
     ("a train config to lottery", ["lottery", "--config", "{c}/demo_lenet300_mnist.yaml"], "secateurs train --config"),
     # what to train
@@ -154,3 +158,6 @@ def test_one_clear_line(workdir, tmp_path, capsys, argv, fragment):
 
 def test_the_catalogue_is_what_the_closing_note_counts():
     assert len(CASES) == len({c[0] for c in CASES}) >= 60
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    counts = [int(n) for n in re.findall(r"test_bad_inputs\.py` lists (\d+)", readme)]
+    assert counts == [len(CASES)], f"README.md counts {counts} bad inputs; this catalogue lists {len(CASES)}"
