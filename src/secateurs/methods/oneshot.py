@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -393,16 +392,9 @@ class OneShotResult:
 
 
 def _save_state(path: str, state: dict) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    from ..train.checkpoint import atomic_torch_save
+
+    atomic_torch_save(path, state)
 
 
 @torch.no_grad()
@@ -481,7 +473,7 @@ def prune_oneshot(
              "keep_weights": state_path is not None, "precision": precision, "dampening": dampening,
              "blocksize": blocksize, "samples": _fingerprint(samples)}
     if state_path is not None and os.path.exists(state_path):
-        saved = torch.load(state_path, map_location="cpu", weights_only=False)
+        saved = torch.load(state_path, map_location="cpu", weights_only=True)
         keys = ("format", "method", "sparsity", "nm", "group", "blocks", "precision", "dampening", "blocksize",
                 "samples")
         for k in keys:  # states written before a key was recorded: as the defaults were then

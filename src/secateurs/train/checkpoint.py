@@ -45,9 +45,14 @@ def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> None:
 
     On any failure the temporary file is removed and an existing ``path`` is untouched.
     """
+    atomic_torch_save(path, {**payload, "format": FORMAT, "format_version": FORMAT_VERSION})
+
+
+def atomic_torch_save(path: str | Path, tagged: Any) -> None:
+    """``torch.save`` to ``path`` atomically: a temporary file in the same directory,
+    fsynced, renamed over ``path``; on failure ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tagged = {**payload, "format": FORMAT, "format_version": FORMAT_VERSION}
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
