@@ -111,18 +111,19 @@ class RunDir:
             atomic_write_text(self.config_path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
     @contextlib.contextmanager
-    def lock(self):
+    def lock(self, wait: bool = False):
         """Hold the directory exclusively: two processes resuming one run would race on its
         checkpoints. ``flock`` is released by the kernel if the holder dies, so a killed run
-        never leaves a stale lock."""
+        never leaves a stale lock. A busy directory raises :class:`RunBusyError`, or with
+        ``wait`` blocks until its holder is done."""
         self.path.mkdir(parents=True, exist_ok=True)
         with open(self.path / ".lock", "a+") as handle:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
                 handle.seek(0)
                 holder = handle.read().strip() or "unknown"
-                raise ConfigError(
+                raise RunBusyError(
                     f"{self.path} is in use by another secateurs process (pid {holder}); "
                     "wait for it to finish or stop it, then re-run to resume"
                 ) from None
@@ -167,11 +168,18 @@ class RunDir:
         atomic_write_text(self.results_path, json.dumps(results, indent=2))
 
 
-def execute(run: RunDir, config, body, *, echo=print, dataset=None) -> dict:
+class RunBusyError(ConfigError):
+    """The run directory is held by another process (another driver or worker on the same
+    run); the runner defers such a unit and waits for it at the end instead of training it twice."""
+
+
+def execute(run: RunDir, config, body, *, echo=print, dataset=None, wait: bool = False) -> dict:
     """The common frame of every experiment kind: reuse a finished run; otherwise claim the
     directory for ``config`` (refusing another config's run), load the data and call
-    ``body(dataset)`` while holding the directory's lock. Bad model names fail before the
-    directory is created (configs that build their own models have no ``model`` section)."""
+    ``body(dataset)`` while holding the directory's lock (``wait``: for as long as another
+    process holds it; the run is then checked again, since that process may have finished it).
+    Bad model names fail before the directory is created (configs that build their own models
+    have no ``model`` section)."""
     from ..data import load_dataset
     from ..models import MODELS
     from .config import check_device
@@ -185,7 +193,10 @@ def execute(run: RunDir, config, body, *, echo=print, dataset=None) -> dict:
         return run.results()
     dataset = dataset if dataset is not None else load_dataset(config.data.dataset, config.data.root)
     run.bind(config)
-    with run.lock():
+    with run.lock(wait=wait):
+        if run.results_path.is_file() and run.results().get("complete"):
+            echo(f"reusing finished run {run.path}")  # finished by the process that held it
+            return run.results()
         return body(dataset)
 
 
