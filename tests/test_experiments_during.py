@@ -14,6 +14,7 @@ from secateurs.experiments import RunDir, load_config
 from secateurs.experiments.compare import experiment_configs, load_comparison, run_comparison
 from secateurs.experiments.runs import RunDir as _RunDir
 from secateurs.experiments.sweep import run_sweep
+from secateurs.seeding import derive_seed
 from secateurs.train import load_checkpoint
 
 BASE = {
@@ -158,7 +159,7 @@ def test_reset_after_pruning_restores_init_weights_bit_exactly(tmp_path, monkeyp
 
     digits = load_dataset("digits")
     init = sweep.build_model(config, digits).state_dict()
-    fresh = sweep.build_model(replace(config, seed=config.seed + 1_000_003), digits).state_dict()
+    fresh = sweep.build_model(replace(config, seed=derive_seed(config.seed, "sweep", "reinit")), digits).state_dict()
     expected = init if reset == "rewind" else fresh
     state, masks = captured["state"], captured["masks"]
     for name, value in state.items():
@@ -195,7 +196,7 @@ def test_at_init_reinit_scores_one_draw_and_trains_another(tmp_path, monkeypatch
         assert torch.equal(masks[name], kept_masks[name]), name  # the same scored mask
     digits = load_dataset("digits")
     init = sweep.build_model(config, digits).state_dict()
-    fresh = sweep.build_model(replace(config, seed=config.seed + 1_000_003), digits).state_dict()
+    fresh = sweep.build_model(replace(config, seed=derive_seed(config.seed, "sweep", "reinit")), digits).state_dict()
     for name, value in state.items():
         kept = masks.get(name, torch.ones_like(value, dtype=torch.bool))
         assert torch.equal(value[kept], fresh[name][kept]), name

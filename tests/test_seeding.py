@@ -32,3 +32,25 @@ def test_bad_seed(bad):
 def test_needs_purpose():
     with pytest.raises(ConfigError, match="purpose"):
         derive_seed(0)
+
+
+def test_sweep_phases_train_on_derived_seeds(tmp_path, monkeypatch):
+    """Each phase of a sweep (dense, every level) trains and orders its batches by
+    derive_seed(seed, "sweep", phase), not by seed * 1000 + index."""
+    import secateurs.experiments.sweep as sweep
+    from secateurs.experiments import RunDir, load_config
+
+    seen = {}
+    original = sweep.Trainer
+
+    def spy(model, train_data, cfg, *args, checkpoint_path=None, **kwargs):
+        seen[checkpoint_path.stem] = (cfg.seed, train_data._generator.initial_seed())
+        return original(model, train_data, cfg, *args, checkpoint_path=checkpoint_path, **kwargs)
+
+    monkeypatch.setattr(sweep, "Trainer", spy)
+    config = load_config(None, {"name": "seeds", "seed": 1, "data": {"dataset": "digits", "batch_size": 256},
+                                "train": {"epochs": 1}, "finetune": {"epochs": 1},
+                                "prune": {"sparsities": [0.5, 0.8], "reset": "reinit"}})
+    sweep.run_sweep(config, RunDir.for_config(config, tmp_path), progress=False, echo=lambda s: None)
+    assert seen == {p: (derive_seed(1, "sweep", p),) * 2 for p in ("dense", "sparsity-0.5", "sparsity-0.8")}
+    assert len({s for s, _ in seen.values()}) == 3

@@ -115,12 +115,14 @@ class _Search:
         torch.manual_seed(self.config.seed)
         return MLP(self.n_in, widths, self.n_out).to(self.data.device)
 
-    def _trainer(self, model: nn.Module, name: str, phase: PhaseConfig, index: int, desc: str) -> Trainer:
-        return phase_trainer(self.data, self.run_dir, self.config, model, name, phase, index, desc, self.progress)
+    def _trainer(self, model: nn.Module, name: str, phase: PhaseConfig, desc: str) -> Trainer:
+        """Seeded by ``derive_seed(seed, "grow_prune", name)``: each cycle and baseline its own stream."""
+        return phase_trainer(self.data, self.run_dir, self.config, model, name, phase, None, desc, self.progress,
+                             procedure="grow_prune")
 
-    def _fit(self, model: nn.Module, name: str, phase: PhaseConfig, index: int, desc: str) -> dict:
+    def _fit(self, model: nn.Module, name: str, phase: PhaseConfig, desc: str) -> dict:
         """Train (or resume, or re-read a finished phase); returns its row."""
-        trainer = self._trainer(model, name, phase, index, desc)
+        trainer = self._trainer(model, name, phase, desc)
         if trainer.resume():
             self.echo(f"resumed {name} at epoch {trainer.state.epoch}/{phase.epochs}")
         history = trainer.fit()
@@ -168,7 +170,7 @@ class _Search:
         for cycle in range(len(rows) + 1, config.cycles + 1):
             widths = list(mlp_layout(model).widths)
             row = {"cycle": cycle, "widths": widths, "depth": len(widths),
-                   **self._fit(model, f"cycle-{cycle}", config.train, cycle, f"cycle {cycle}/{config.cycles} {widths}")}
+                   **self._fit(model, f"cycle-{cycle}", config.train, f"cycle {cycle}/{config.cycles} {widths}")}
             row["event"] = None
             if cycle < config.cycles:
                 model, row["event"] = self.search.event(model, itertools.islice(self.data.probe(), c.usefulness_batches))
@@ -183,12 +185,12 @@ class _Search:
             total = dataclasses.replace(config.train, epochs=config.cycles * config.train.epochs)
             if "fixed" not in baselines:
                 fixed = self._mlp(last["widths"])
-                baselines["fixed"] = {"widths": last["widths"], **self._fit(fixed, "fixed", total, 901, "fixed MLP")}
+                baselines["fixed"] = {"widths": last["widths"], **self._fit(fixed, "fixed", total, "fixed MLP")}
                 self._save(results, rows, complete=False)
             if "reference" not in baselines:
                 reference = build_model(config, self.dataset).to(self.data.device)
                 baselines["reference"] = {"model": config.model.name,
-                                          **self._fit(reference, "reference", total, 902, config.model.name)}
+                                          **self._fit(reference, "reference", total, config.model.name)}
         self._save(results, rows, complete=True)
         plot_grow_prune(self.run_dir.results(), self.run_dir.path / "grow_prune.png")
         return self.run_dir.results()

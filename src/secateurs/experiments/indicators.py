@@ -17,7 +17,7 @@ unfinished architecture and never retrains a finished one.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -193,7 +193,7 @@ class _Study:
         torch.manual_seed(seed)
         model = self.factory(arch)()
         # unless the config says otherwise, an architecture that cannot learn is a data point here, not a failure
-        cfg = replace(_train_config(self.config.train, self.config, 0, health="mark"), seed=seed)
+        cfg = _train_config(self.config.train, self.config, seed, health="mark")
         log = lambda record: self.run_dir.log({"phase": phase, **record})  # noqa: E731
         trainer = Trainer(model, self.data.train(seed), cfg, eval_data=self.data.test, val_data=self.data.val,
                           checkpoint_path=self.run_dir.checkpoint(phase), callbacks=[log],

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import zlib
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -47,6 +46,7 @@ from ..errors import CheckpointError, ConfigError, UnknownNameError
 from ..methods.lottery import LotteryTicket, criterion_masks
 from ..resets import KEPT_INITS, init_kept_, rewind_
 from ..schedules import parse_duration
+from ..seeding import derive_seed
 from ..train import Trainer, TrainConfig, build_optimizer, load_checkpoint, save_checkpoint
 from ..train.optim import build_lr_schedule
 from .config import (DataConfig, HashedConfig, ModelConfig, PhaseConfig, aggregate_dir, load_typed, read_yaml,
@@ -171,9 +171,9 @@ def run_lottery(
 
 
 def control_seed(seed: int, round: int, init: str) -> int:
-    """The generator seed of a control's kept-weight init: stable across processes (Python's
-    ``hash()`` of a string is not), so a re-run draws the same control."""
-    return zlib.crc32(f"{seed}/{round}/{init}".encode())
+    """The generator seed of a control's kept-weight init: ``derive_seed(seed, "lottery",
+    "control", round, init)``, stable across processes, so a re-run draws the same control."""
+    return derive_seed(seed, "lottery", "control", round, init)
 
 
 class _Lottery:
@@ -234,7 +234,8 @@ class _Lottery:
     def _schedule(self, r: int) -> tuple[TrainConfig, int]:
         """The training config and start step of round ``r``'s trainings."""
         phase, cfg = self.config.train, self.config
-        base = phase.train_config(seed=cfg.seed * 1000 + r, device=cfg.device)
+        # every training of round r (the ticket, its controls, COLT's segment copies) sees the same batch order
+        base = phase.train_config(seed=derive_seed(cfg.seed, "lottery", "round", r), device=cfg.device)
         reset = self.lt.reset
         if r == 0:
             return base, 0
@@ -263,7 +264,8 @@ class _Lottery:
                 raise ConfigError(f"lottery.segments={n} class groups but {self.dataset.name} has {classes} classes")
             groups = torch.arange(classes).chunk(n)
             return [torch.isin(labels, g).nonzero().flatten() for g in groups]
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.config.seed))
+        split_seed = derive_seed(self.config.seed, "lottery", "colt-split")
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(split_seed))
         return [part.sort().values for part in order.chunk(n)]
 
     # -- one training -----------------------------------------------------------------------------
@@ -381,12 +383,14 @@ class _Lottery:
         rows = []
         for criterion in sm.criteria:
             for sparsity in sm.sparsities:
+                draw = derive_seed(self.config.seed, "lottery", "supermask", "mask", criterion, sparsity)
                 masks = criterion_masks(initial, final, criterion, sparsity, scope=sm.scope,
-                                        generator=torch.Generator().manual_seed(self.config.seed))
+                                        generator=torch.Generator().manual_seed(draw))
                 for init in sm.inits:
                     model, _ = self._load(start)
                     rewind_(model, ticket.rewind_point)
-                    init_kept_(init, model, masks, initial, torch.Generator().manual_seed(self.config.seed),
+                    init_seed = derive_seed(self.config.seed, "lottery", "supermask", "init", criterion, sparsity, init)
+                    init_kept_(init, model, masks, initial, torch.Generator().manual_seed(init_seed),
                                init=self.lt.reinit_distribution)
                     probe = Trainer(model, self.data.train(0), TrainConfig(epochs=0, device=self.config.device), progress=False)
                     metrics = probe.evaluate(self.data.test)

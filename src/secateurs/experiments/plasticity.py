@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 
 from ..errors import ConfigError
+from ..seeding import derive_seed
 from ..typed_config import from_dict
 from .config import ExperimentConfig, aggregate_dir, load_typed, with_model_defaults
 from .runs import RunDir, atomic_write_text
@@ -100,13 +101,14 @@ def run_plasticity(
         snapshots = {t: run.checkpoint(f"epoch-{t}") for t in wanted}
         if not all(p.is_file() for p in snapshots.values()):
             model = build_model(config, dataset)
+            dense_seed = derive_seed(config.seed, "plasticity", "dense")
 
             def snapshot(record: dict) -> None:
                 if record["epoch"] in snapshots:
                     save_checkpoint(snapshots[record["epoch"]], trainer.state_dict())
 
             trainer = Trainer(
-                model, data.train(config.seed * 1000), _train_config(config.train, config, 0),
+                model, data.train(dense_seed), _train_config(config.train, config, dense_seed),
                 eval_data=data.test, checkpoint_path=run.checkpoint("dense"), progress=progress,
                 progress_desc="dense", callbacks=[snapshot],
             )
@@ -157,7 +159,9 @@ def _cell(study, config, data, dataset, state, epoch, ratio, regen, progress) ->
     for group in optimizer.param_groups:
         group["lr"] = lr
         group.pop("initial_lr", None)  # else the new (constant) schedule restarts from the base LR
-    train_data = data.train(config.seed * 1000 + 7919 * epoch)
+    # every cell continued from epoch t sees the same batches (the cells differ only by ratio / regeneration)
+    seed = derive_seed(config.seed, "plasticity", "epoch", epoch)
+    train_data = data.train(seed)
     total = len(train_data) * study.continue_epochs
     regeneration = None
     if regen:
@@ -173,7 +177,7 @@ def _cell(study, config, data, dataset, state, epoch, ratio, regen, progress) ->
         regrowth=GradientRegrowth() if regen else None, swap_schedule=regeneration, seed=config.seed,
     )
     # unless the config says otherwise, a network that never recovers from a prune is what plasticity measures
-    cfg = _train_config(phase, config, 0, health="mark")
+    cfg = _train_config(phase, config, seed, health="mark")
     trainer = Trainer(model, train_data, cfg, optimizer=optimizer,
                       sparsifier=sparsifier, eval_data=data.test, progress=progress,
                       progress_desc=f"t={epoch} p={ratio:g}{' +regen' if regen else ''}")

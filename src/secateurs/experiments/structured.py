@@ -155,8 +155,10 @@ class _Structured:
         self.example = self.data.example()
 
     # -- plumbing -------------------------------------------------------------------------------
-    def _trainer(self, model: nn.Module, name: str, phase: PhaseConfig, index: int, desc: str) -> Trainer:
-        return phase_trainer(self.data, self.run_dir, self.config, model, name, phase, index, desc, self.progress)
+    def _trainer(self, model: nn.Module, name: str, phase: PhaseConfig, desc: str) -> Trainer:
+        """Seeded by ``derive_seed(seed, "structured", name)``: the dense phase and each step its own stream."""
+        return phase_trainer(self.data, self.run_dir, self.config, model, name, phase, None, desc, self.progress,
+                             procedure="structured")
 
     def _dense_model(self) -> nn.Module:
         model = build_model(self.config, self.dataset).to(self.data.device)
@@ -189,7 +191,7 @@ class _Structured:
     # -- dense ----------------------------------------------------------------------------------
     def dense(self) -> dict:
         model = build_model(self.config, self.dataset)
-        trainer = self._trainer(model, "dense", self.config.train, 0, "dense")
+        trainer = self._trainer(model, "dense", self.config.train, "dense")
         if trainer.resume():
             self.echo(f"resumed dense training at epoch {trainer.state.epoch}/{self.config.train.epochs}")
         history = trainer.fit()
@@ -248,7 +250,7 @@ class _Structured:
                 model = remove_units(model, graph, plan)
                 record = {"step": step, "target_flops_removed": total, "ratio": ratio, "plan": plan}
             desc = f"{phase} step {step}/{s.steps} ({index}/{len(s.flops_removed)})"
-            trainer = self._trainer(model, name, config.finetune, 100 * index + step, desc)
+            trainer = self._trainer(model, name, config.finetune, desc)
             if trainer.resume():
                 self.echo(f"resumed {name} at epoch {trainer.state.epoch}/{config.finetune.epochs}")
             if "acc_before_finetune" not in record:

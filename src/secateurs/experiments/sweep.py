@@ -29,13 +29,16 @@ from ..errors import ConfigError, NonFiniteLossError, SparsityMismatchError
 from ..masks import select_prunable
 from ..models import create_model
 from ..train import Trainer, TrainConfig, build_optimizer, load_checkpoint, save_checkpoint
+from ..seeding import derive_seed
 from ..train.loop import resolve_device
 from .config import ExperimentConfig, PhaseConfig
 from .runs import RunDir, atomic_write_text, execute
 
 
-def _train_config(phase: PhaseConfig, config: ExperimentConfig, index: int, health: str = "error") -> TrainConfig:
-    return phase.train_config(seed=config.seed * 1000 + index, device=config.device, health=health)
+def _train_config(phase: PhaseConfig, config, seed: int, health: str = "error") -> TrainConfig:
+    """``phase`` as the loop's config, seeded by ``seed`` (a :func:`~secateurs.seeding.derive_seed`
+    of the user's seed for the procedure and phase, never an offset of it)."""
+    return phase.train_config(seed=seed, device=config.device, health=health)
 
 
 class _Data:
@@ -86,11 +89,20 @@ class _Data:
         )
 
 
-def phase_trainer(data: _Data, run: RunDir, config, model, name: str, phase: PhaseConfig, index: int,
-                  desc: str, progress: bool) -> Trainer:
-    """A Trainer for one named phase of a run: seeded by ``(config.seed, index)``, checkpointed
-    every epoch to ``checkpoints/<name>.pt``, its epoch records appended to the run's log."""
-    cfg = _train_config(phase, config, index)
+def phase_trainer(data: _Data, run: RunDir, config, model, name: str, phase: PhaseConfig, index: int | None,
+                  desc: str, progress: bool, *, procedure: str | None = None) -> Trainer:
+    """A Trainer for one named phase of a run, checkpointed every epoch to
+    ``checkpoints/<name>.pt``, its epoch records appended to the run's log. Its data order and
+    training seed are ``derive_seed(config.seed, procedure, name)``: the procedure (e.g.
+    ``"structured"``) and the phase's name. ``index`` is the old offset (``config.seed * 1000 +
+    index``), kept only for a caller that names no ``procedure`` yet."""
+    if procedure is not None:
+        seed = derive_seed(config.seed, procedure, name)
+    elif index is not None:
+        seed = config.seed * 1000 + index  # legacy stream of a caller not yet given a procedure
+    else:
+        raise ConfigError("phase_trainer needs the procedure (procedure='...') that names the phase's seed")
+    cfg = _train_config(phase, config, seed)
     log = lambda record: run.log({"phase": name, **record})  # noqa: E731
     return Trainer(model, data.train(cfg.seed), cfg, eval_data=data.test, val_data=data.val,
                    checkpoint_path=run.checkpoint(name), callbacks=[log], progress=progress, progress_desc=desc)
@@ -291,9 +303,9 @@ class _Sweep:
                 desc = f"{config.prune.method} {target:g} ({index}/{len(levels)})"
                 if not (phase in rows and run.checkpoint(phase).is_file()):
                     if self.timing == "after":
-                        rows[phase] = self.after_training_level(model, target, index, previous, desc)
+                        rows[phase] = self.after_training_level(model, target, previous, desc)
                     else:
-                        rows[phase] = self.sparse_training_level(target, index, desc)
+                        rows[phase] = self.sparse_training_level(target, desc)
                     _save(run, results, rows, complete=False)
                 previous = run.checkpoint(phase)
         except NonFiniteLossError as e:
@@ -332,8 +344,9 @@ class _Sweep:
 
     def dense(self, model) -> dict:
         config = self.config
-        trainer = self._trainer(model, "dense", 0.0, self.data.train(config.seed * 1000),
-                                _train_config(config.train, config, 0), "dense")
+        seed = derive_seed(config.seed, "sweep", "dense")
+        trainer = self._trainer(model, "dense", 0.0, self.data.train(seed), _train_config(config.train, config, seed),
+                                "dense")
         if trainer.resume():
             self.echo(f"resumed dense training at epoch {trainer.state.epoch}/{config.train.epochs}")
         history = trainer.fit()
@@ -347,7 +360,7 @@ class _Sweep:
             "health": trainer.health,
         }
 
-    def after_training_level(self, model, target: float, index: int, previous: Path, desc: str) -> dict:
+    def after_training_level(self, model, target: float, previous: Path, desc: str) -> dict:
         """Prune the trained network (or the previous level) to ``target``, reset the
         weights per ``prune.reset``, and fine-tune."""
         config, run = self.config, self.run_dir
@@ -356,8 +369,9 @@ class _Sweep:
         optimizer = build_optimizer(model, config.finetune.optimizer)
         sparsifier = build_sparsifier(config, model, optimizer)
         _load_start(model, sparsifier, start)
-        trainer = self._trainer(model, phase, target, self.data.train(config.seed * 1000 + index),
-                                _train_config(config.finetune, config, index), desc,
+        seed = derive_seed(config.seed, "sweep", phase)
+        trainer = self._trainer(model, phase, target, self.data.train(seed), _train_config(config.finetune, config, seed),
+                                desc,
                                 optimizer=optimizer, sparsifier=sparsifier)
         pending = run.path / f".{phase}.pruned.json"
         if trainer.resume():
@@ -377,20 +391,21 @@ class _Sweep:
         pending.unlink(missing_ok=True)
         return row
 
-    def sparse_training_level(self, target: float, index: int, desc: str) -> dict:
+    def sparse_training_level(self, target: float, desc: str) -> dict:
         """Train from the seed's initialisation with the sparsifier: pruned once at init
         (``init``) or along the method's own schedule (``during``)."""
         config = self.config
         phase = f"sparsity-{target:g}"
         model = build_model(config, self.dataset).to(self.data.device)  # the same init for every level
         optimizer = build_optimizer(model, config.train.optimizer)
-        train_data = self.data.train(config.seed * 1000 + index)
+        seed = derive_seed(config.seed, "sweep", phase)
+        train_data = self.data.train(seed)
         total = len(train_data) * config.train.epochs
         sparsifier = build_sparsifier(
             config, model, optimizer, sparsity=target, total_steps=total,
             steps_per_epoch=len(train_data), batches=self.data.probe,
         )
-        trainer = self._trainer(model, phase, target, train_data, _train_config(config.train, config, index), desc,
+        trainer = self._trainer(model, phase, target, train_data, _train_config(config.train, config, seed), desc,
                                 optimizer=optimizer, sparsifier=sparsifier)
         if trainer.resume():
             self.echo(f"resumed {phase} at epoch {trainer.state.epoch}/{config.train.epochs}")
@@ -420,7 +435,7 @@ def _reset(config: ExperimentConfig, model, sparsifier: Sparsifier, dataset: Ima
     the SNIP reference code does (it scores one draw and trains another)."""
     if config.prune.reset == "keep":
         return
-    seed = config.seed if config.prune.reset == "rewind" else config.seed + 1_000_003
+    seed = config.seed if config.prune.reset == "rewind" else derive_seed(config.seed, "sweep", "reinit")
     start = build_model(replace(config, seed=seed), dataset).state_dict()
     model.load_state_dict(start)
     sparsifier.masks.apply_()
