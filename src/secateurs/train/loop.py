@@ -10,7 +10,7 @@ import dataclasses
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -107,8 +107,31 @@ def evaluate(
     return {"loss": loss, "acc": acc / count, "majority": top / count}
 
 
+#: ``loss_fn(model, logits, y) -> loss``: the scalar a training step minimises.
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 class Trainer:
-    """Trains ``model`` on ``train_data`` per ``cfg``; see :meth:`fit` and :meth:`resume`."""
+    """Trains ``model`` on ``train_data`` per ``cfg``; see :meth:`fit` and :meth:`resume`.
+
+    Hooks for a training procedure that is more than cross-entropy on the weights (e.g. SNL's
+    search in ``secateurs.experiments.linearize``), all optional and all saved and restored
+    with the checkpoint:
+
+    - ``loss_fn(model, logits, y)``: the loss a step minimises (default: cross-entropy with
+      ``cfg.label_smoothing``), computed under the same autocast; it is also the loss the
+      non-finite check, the progress bar and ``train_loss`` see. Return a tensor (no
+      ``.item()``: that would sync the host every step).
+    - ``extra_optimizers``: more optimizers (other parameters, other rules) zeroed and stepped
+      with the main one, in order, after it; ``cfg.grad_clip`` covers their parameters too,
+      ``cfg.lr_schedule`` only the main optimizer.
+    - ``after_step``: ``hook(trainer)`` right after the optimizers' steps, before the
+      sparsifier's (which has the last word on weights): projections such as clamping.
+    - ``step_callbacks``: ``callback(trainer)`` after each step's bookkeeping; one may call
+      :meth:`stop` to end training there.
+    - ``extra_state``: named objects with ``state_dict()`` / ``load_state_dict()`` (a schedule
+      the hooks update, say) kept in the checkpoint under ``"extra_state"``.
+    """
 
     def __init__(
         self,
@@ -126,12 +149,17 @@ class Trainer:
         start_step: int = 0,
         progress: bool = True,
         progress_desc: str = "train",
+        loss_fn: LossFn | None = None,
+        extra_optimizers: Sequence[torch.optim.Optimizer] = (),
+        after_step: Sequence[Callable[["Trainer"], None]] = (),
+        extra_state: Mapping[str, Any] | None = None,
     ) -> None:
         missing = _missing_methods(train_data, ("__iter__", "__len__", "state_dict", "load_state_dict"))
         if missing:
             raise ConfigError(f"train_data lacks {missing}; it must be a batch source (iterable, sized, with state_dict)")
         if sparsifier is not None and _missing_methods(sparsifier, ("step", "state_dict", "load_state_dict")):
             raise ConfigError("sparsifier must have step(), state_dict() and load_state_dict(); see SparsifierLike")
+        self._check_hooks(loss_fn, extra_optimizers, after_step, step_callbacks, extra_state)
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
@@ -146,6 +174,12 @@ class Trainer:
         self.progress = progress
         self.progress_desc = progress_desc
         self.optimizer = optimizer if optimizer is not None else build_optimizer(self.model, cfg.optimizer)
+        self.loss_fn: LossFn = loss_fn if loss_fn is not None else self._cross_entropy
+        self.extra_optimizers = tuple(extra_optimizers)
+        self._check_disjoint_optimizers()
+        self.after_step = tuple(after_step)
+        self.extra_state = dict(extra_state or {})
+        self.stopped = False  # set by stop(): training ended before cfg.epochs, for good
         self.steps_per_epoch = len(train_data)
         if self.steps_per_epoch < 1:
             raise ConfigError("train_data yields no batches per epoch; check the dataset and batch size")
@@ -160,6 +194,57 @@ class Trainer:
         self._amp = cfg.amp and self.device.type == "cuda"
         self._autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16) if self._amp else contextlib.nullcontext
         self._loss_buf = torch.zeros(cfg.loss_check_every, device=self.device)
+
+    @staticmethod
+    def _check_hooks(loss_fn, extra_optimizers, after_step, step_callbacks, extra_state) -> None:
+        if loss_fn is not None and not callable(loss_fn):
+            raise ConfigError(f"loss_fn must be a callable loss_fn(model, logits, y) -> loss tensor, got {loss_fn!r}")
+        for i, opt in enumerate(extra_optimizers):
+            missing = _missing_methods(opt, ("zero_grad", "step", "state_dict", "load_state_dict"))
+            if missing or not hasattr(opt, "param_groups"):
+                raise ConfigError(
+                    f"extra_optimizers[{i}] ({type(opt).__name__}) lacks {missing or ['param_groups']}; "
+                    "pass torch.optim.Optimizer instances"
+                )
+        for kind, hooks in (("after_step", after_step), ("step_callbacks", step_callbacks)):
+            for i, hook in enumerate(hooks):
+                if not callable(hook):
+                    raise ConfigError(f"{kind}[{i}] is {hook!r}, not a callable hook(trainer); pass functions")
+        if extra_state is not None and not isinstance(extra_state, Mapping):
+            raise ConfigError(
+                f"extra_state must be a mapping of names to objects with state_dict() / load_state_dict(), "
+                f"got {type(extra_state).__name__}"
+            )
+        for name, obj in (extra_state or {}).items():
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"extra_state names must be non-empty strings, got {name!r}")
+            missing = _missing_methods(obj, ("state_dict", "load_state_dict"))
+            if missing:
+                raise ConfigError(f"extra_state[{name!r}] ({type(obj).__name__}) lacks {missing}; give it both methods")
+
+    def _check_disjoint_optimizers(self) -> None:
+        seen: dict[int, str] = {}
+        for label, opt in [("optimizer", self.optimizer)] + [
+            (f"extra_optimizers[{i}]", o) for i, o in enumerate(self.extra_optimizers)
+        ]:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if id(p) in seen and seen[id(p)] != label:
+                        raise ConfigError(
+                            f"a parameter of shape {tuple(p.shape)} is in both {seen[id(p)]} and {label}, so it would "
+                            "be stepped twice per step; give each optimizer its own parameters"
+                        )
+                    seen[id(p)] = label
+
+    def _cross_entropy(self, model: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The default ``loss_fn``: cross-entropy with ``cfg.label_smoothing``."""
+        return F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+
+    def stop(self) -> None:
+        """End training after the current step (call it from a step callback): the epoch is
+        closed there (its record, evaluation and checkpoint), :meth:`fit` returns, and a
+        trainer resumed from that checkpoint is stopped too (``fit`` trains nothing more)."""
+        self.stopped = True
 
     def _start_at(self, step: int) -> None:
         """Begin mid-schedule, as if ``step`` steps had been taken: the learning rate is the
@@ -183,7 +268,7 @@ class Trainer:
     def fit(self) -> list[dict]:
         """Train until ``cfg.epochs`` are done; returns the records of every completed
         epoch (including those restored by :meth:`resume`)."""
-        while self.state.epoch < self.cfg.epochs:
+        while self.state.epoch < self.cfg.epochs and not self.stopped:
             start = time.perf_counter()
             record = self._train_epoch()
             if self.eval_data is not None:
@@ -194,7 +279,7 @@ class Trainer:
                 metrics = self.evaluate(self.val_data)
                 record.update(val_loss=metrics["loss"], val_acc=metrics["acc"])
             record["time_s"] = time.perf_counter() - start
-            self._check_health(record, last=self.state.epoch == self.cfg.epochs)
+            self._check_health(record, last=self.state.epoch == self.cfg.epochs or self.stopped)
             self.history.append(record)
             if self.checkpoint_path is not None:
                 save_checkpoint(self.checkpoint_path, self.state_dict())
@@ -206,16 +291,27 @@ class Trainer:
         """One optimizer step; returns the detached loss and logits (no host sync)."""
         with self._autocast():
             logits = self.model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+            loss = self.loss_fn(self.model, logits, y)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise ConfigError(
+                f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
+                + (f" of shape {tuple(loss.shape)}; reduce it (e.g. .mean())" if isinstance(loss, torch.Tensor) else "")
+            )
         self.optimizer.zero_grad(set_to_none=True)
+        for opt in self.extra_optimizers:
+            opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.grad_clip is not None:
             if hasattr(self.sparsifier, "mask_grads_"):
                 self.sparsifier.mask_grads_()  # clip the sparse network's gradient norm
             # read from the optimizer each time: growing a network replaces its parameters
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            params = [p for o in (self.optimizer, *self.extra_optimizers) for g in o.param_groups for p in g["params"]]
             nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         self.optimizer.step()
+        for opt in self.extra_optimizers:
+            opt.step()
+        for hook in self.after_step:
+            hook(self)
         if self.sparsifier is not None:
             self.sparsifier.step()
         self.lr_schedule.step()
@@ -268,7 +364,7 @@ class Trainer:
                     self._evaluate_now()
                 for callback in self.step_callbacks:
                     callback(self)
-                if batch == steps:
+                if batch == steps or self.stopped:
                     break
             if pending:
                 self._check_losses(pending, epoch, batch, bar, loss_sum, correct, count)
@@ -378,8 +474,10 @@ class Trainer:
 
     # ------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
-        """Everything needed to continue bit-identically after the current epoch."""
-        return {
+        """Everything needed to continue bit-identically after the current epoch. The hooks'
+        keys (``extra_optimizers``, ``extra_state``, ``stopped``) appear only when used, so a
+        plain run's checkpoint is what it always was."""
+        state = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "model": self.model.state_dict(),
@@ -394,6 +492,13 @@ class Trainer:
             "rng": rng_state(),
             "config": dataclasses.asdict(self.cfg),
         }
+        if self.extra_optimizers:
+            state["extra_optimizers"] = [o.state_dict() for o in self.extra_optimizers]
+        if self.extra_state:
+            state["extra_state"] = {name: obj.state_dict() for name, obj in self.extra_state.items()}
+        if self.stopped:
+            state["stopped"] = True
+        return state
 
     def _check_loadable(self, state: dict, path: str | Path | None) -> None:
         """Every check that can fail, done before anything is modified."""
@@ -417,12 +522,30 @@ class Trainer:
                 f"{where} was written {'with' if has_sparsifier else 'without'} a sparsifier but this trainer has "
                 f"{'one' if self.sparsifier is not None else 'none'}; pass the same kind of sparsifier as the run that wrote it"
             )
+        saved_extra = state.get("extra_optimizers", [])
+        ours = [[len(g["params"]) for g in o.param_groups] for o in self.extra_optimizers]
+        theirs = [[len(g["params"]) for g in o.get("param_groups", [])] for o in saved_extra]
+        if ours != theirs:
+            raise CheckpointError(
+                f"{where} has {len(theirs)} extra optimizer(s) with param groups of sizes {theirs} but this trainer has "
+                f"{len(ours)} with {ours}; pass the same extra_optimizers as the run that wrote it"
+            )
+        saved_names, our_names = set(state.get("extra_state", {})), set(self.extra_state)
+        if saved_names != our_names:
+            raise CheckpointError(
+                f"{where} holds extra_state {sorted(saved_names)} but this trainer has {sorted(our_names)}; "
+                "pass the same extra_state objects as the run that wrote it"
+            )
 
     def load_state_dict(self, state: dict, path: str | Path | None = None) -> None:
         """Restore a :meth:`state_dict`; incompatible states raise before anything changes."""
         self._check_loadable(state, path)
+        for name, obj in self.extra_state.items():  # first: the user's objects may refuse a state
+            obj.load_state_dict(state["extra_state"][name])
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for opt, saved in zip(self.extra_optimizers, state.get("extra_optimizers", [])):
+            opt.load_state_dict(saved)
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         if self.sparsifier is not None:
             self.sparsifier.load_state_dict(state["sparsifier"])
@@ -431,6 +554,7 @@ class Trainer:
         self.history = [dict(r) for r in state.get("history", [])]
         self.evaluations = [dict(r) for r in state.get("evaluations", [])]
         self.health = state.get("health")
+        self.stopped = bool(state.get("stopped", False))
         set_rng_state(state["rng"])
 
     def resume(self, path: str | Path | None = None) -> bool:
