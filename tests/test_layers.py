@@ -6,7 +6,7 @@ LIBRARY = [
     "secateurs", "secateurs.masks", "secateurs.scores", "secateurs.allocation", "secateurs.schedules",
     "secateurs.engine", "secateurs.regrowth", "secateurs.resets", "secateurs.methods", "secateurs.analysis.flops",
     "secateurs.granularity", "secateurs.criteria", "secateurs.analysis.mask_metrics", "secateurs.structured",
-    "secateurs.grow", "secateurs.grow.linearize", "secateurs.analysis.indicators",
+    "secateurs.grow", "secateurs.linearize", "secateurs.analysis.indicators",
 ]
 FORBIDDEN = ["secateurs.data", "secateurs.models", "secateurs.train", "secateurs.experiments", "secateurs.cli",
              "tqdm", "matplotlib", "yaml"]

@@ -14,7 +14,7 @@ from secateurs.experiments.linearize import (
     aggregate, format_aggregate, load_linearize_config, run_linearize,
 )
 from secateurs.experiments.runs import RunDir
-from secateurs.grow.linearize import (
+from secateurs.linearize import (
     LassoSchedule, MaskedReLU, alpha_parameters, binarize, clamp_alphas_, lasso_penalty, linearizable, relu_count,
 )
 
@@ -257,7 +257,7 @@ def test_bad_settings_are_refused(snl, match):
 
 
 def test_the_zoo_resnets_are_linearizable_with_one_mask_per_activation():
-    from secateurs.grow.linearize import binarize, linearizable, relu_count
+    from secateurs.linearize import binarize, linearizable, relu_count
     from secateurs.models import create_model
 
     model = create_model("resnet20", in_channels=3, image_size=32)

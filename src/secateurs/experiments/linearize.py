@@ -4,7 +4,7 @@ One run directory per config. The dense network is trained once (``checkpoints/d
 per-epoch, resumable). Each entry of ``snl.budgets`` (a share of the network's ReLU
 positions per sample) is a separate run from that trained network, in three stages:
 
-1. SNL: every ``nn.ReLU`` becomes a :class:`~secateurs.grow.linearize.MaskedReLU`; weights
+1. SNL: every ``nn.ReLU`` becomes a :class:`~secateurs.linearize.MaskedReLU`; weights
    and alphas are trained on ``CE + lambda * ||alpha||_1``. Every ``check_every`` steps the
    ReLUs with alpha above ``threshold`` are counted: lambda grows by ``lasso_growth`` when
    the count has not fallen, and the stage ends as soon as the count is within the budget
@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..data import ImageDataset
 from ..errors import ConfigError, NonFiniteLossError, SparsityMismatchError
-from ..grow.linearize import (
+from ..linearize import (
     LassoSchedule, alpha_parameters, binarize, clamp_alphas_, lasso_penalty, linearizable, relu_count,
 )
 from ..train import Trainer, build_optimizer, evaluate, load_checkpoint, rng_state, save_checkpoint, set_rng_state

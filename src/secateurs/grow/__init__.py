@@ -1,4 +1,4 @@
-"""Growing networks and architecture search: GradMax, grow-and-prune, ReLU linearization.
+"""Growing networks and architecture search: GradMax, widening, deepening, grow-and-prune.
 
 >>> grower = Grower(model, optimizer, {"net.1": 300, "net.3": 100}, example_input=x[:8],
 ...                 init="gradmax", start=100, every=100, events=9, batches=probe)

@@ -14,7 +14,7 @@ to exactly ``budget`` kept ReLUs and the weights are fine-tuned with that mask f
 The pieces here are loop-agnostic: :class:`MaskedReLU` (the module), :func:`linearizable`
 (swap a model's ``nn.ReLU`` modules for it), :func:`lasso_penalty`, :func:`relu_count`,
 :func:`binarize` and :class:`LassoSchedule` (lambda's schedule, with a state dict). The
-training loop is the user's (``secateurs.experiments.linearize`` has one).
+training loop is the user's (``secateurs.experiments.linearize`` runs it on the Trainer).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError, SparsityMismatchError
+from .errors import CheckpointError, ConfigError, SparsityMismatchError
 
 __all__ = [
     "MaskedReLU", "linearizable", "masked_relus", "alpha_parameters", "lasso_penalty", "clamp_alphas_",
