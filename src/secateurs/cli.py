@@ -116,11 +116,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     overrides = _overrides(args, {"data_root": "base.data.root"})
     comparison = load_comparison(args.config, overrides)
     seeds = tuple(args.seeds) if args.seeds else None
-    summary = run_comparison(comparison, args.runs_dir, seeds=seeds, progress=not args.no_progress)
+    summary = run_comparison(comparison, args.runs_dir, seeds=seeds, progress=not args.no_progress, executor=args.executor)
     print(f"\n{comparison.name}" + ("" if summary["complete"] else f" — INCOMPLETE, missing: {', '.join(summary['missing'])}"))
     print((Path(summary["dir"]) / "comparison.md").read_text())
     print(f"wrote {summary['dir']}/comparison.json, comparison.csv, comparison.md, accuracy_vs_sparsity.png")
-    return 0
+    return _report_failures(summary["failed"])
+
+
+def _report_failures(failed: list[dict]) -> int:
+    """Units that failed (not those that diverged: a divergence is a result) make the exit
+    status 1, after the table of everything that finished has been written."""
+    broken = [f for f in failed if f["status"] == "failed"]
+    for f in broken:
+        print(f"FAILED {f['unit']}: {f['error']} (run directory {f['run']}; re-run the same command to retry it)")
+    return 1 if broken else 0
 
 
 def cmd_lottery(args: argparse.Namespace) -> int:
@@ -129,12 +138,13 @@ def cmd_lottery(args: argparse.Namespace) -> int:
     overrides = _overrides(args, {"data_root": "data.root"})
     config = load_lottery_config(args.config, overrides)
     seeds = args.seeds if args.seeds else config_seeds(args.config)
-    summary = run_lottery_seeds(config, seeds, args.runs_dir, args.out, progress=not args.no_progress)
+    summary = run_lottery_seeds(config, seeds, args.runs_dir, args.out, progress=not args.no_progress,
+                                executor=args.executor)
     state = "" if summary["complete"] else f" — INCOMPLETE, missing: {', '.join(summary['missing'][:6])}"
     print(f"\n{config.name}{state}")
     print(format_lottery(summary))
     print(f"wrote {summary['dir']}/lottery.json, lottery.csv, lottery.md, accuracy_vs_remaining.png, early_stop_vs_remaining.png")
-    return 0
+    return _report_failures(summary["failed"])
 
 
 #: Experiments that live in one run directory per config: (command, module, the config loader,
@@ -274,6 +284,14 @@ def cmd_oneshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _executor_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--executor", default="local", metavar="NAME",
+        help="where the runs go: local (one after another, here), processes:N (N processes on this machine), "
+             "ray (a local Ray instance) or ray:HOST:PORT (a Ray cluster; --runs-dir must be on storage every node "
+             "sees; pip install 'secateurs[ray]'). Default: local")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="secateurs", description="Prune, regrow and grow neural networks.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -303,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--data-root", help="dataset directory / file (overrides base.data.root)")
     compare.add_argument("--runs-dir", default="runs", help="where run directories are created (default: runs)")
     compare.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _executor_option(compare)
     compare.set_defaults(func=cmd_compare)
 
     lottery = sub.add_parser("lottery", help="iterative magnitude pruning / COLT rounds with controls (resumable per round)")
@@ -313,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     lottery.add_argument("--runs-dir", default="runs", help="where run directories are created (default: runs)")
     lottery.add_argument("--out", help="where the seed-aggregated table and plots go (default: RUNS_DIR/NAME-HASH-lottery, HASH over the config and seeds)")
     lottery.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _executor_option(lottery)
     lottery.set_defaults(func=cmd_lottery)
 
     for command, (*_, text, configs, example, _written) in SINGLE_RUN.items():

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 
-from ..errors import ConfigError, NonFiniteLossError
+from ..errors import ConfigError
 from ..typed_config import from_dict
 from .config import ExperimentConfig, aggregate_dir, apply_overrides, load_typed, with_model_defaults
 from .runs import RunDir, atomic_write_text
@@ -82,6 +82,15 @@ def experiment_configs(comparison: ComparisonConfig, seeds: tuple[int, ...] | No
     return out
 
 
+def comparison_units(comparison: ComparisonConfig, seeds: tuple[int, ...] | None = None) -> list:
+    """One unit per (line, seed): an ordinary sweep run in its own run directory."""
+    from .runner import Unit
+    from .sweep import run_sweep
+
+    return [Unit(f"{label} seed {seed}", config, run_sweep, {"dense_only": label == "dense"})
+            for label, seed, config in experiment_configs(comparison, seeds)]
+
+
 def run_comparison(
     comparison: ComparisonConfig,
     runs_dir: str | Path,
@@ -89,37 +98,28 @@ def run_comparison(
     seeds: tuple[int, ...] | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = print,
-    dataset=None,
+    executor="local",
 ) -> dict:
-    """Run (or reuse) every run, then aggregate into ``<runs_dir>/<name>-comparison/``."""
-    from ..data import load_dataset
-    from .sweep import run_sweep
+    """Run (or reuse) every run on ``executor`` (see :mod:`.runner`), then aggregate into
+    ``<runs_dir>/<name>-<hash>-comparison/``. A run that diverges or fails is listed (with its
+    unit key and message) and the others go on."""
+    from ..methods import METHODS
+    from ..models import MODELS
+    from .runner import failures, run_units
+    from .sweep import check_sweep
 
     unknown = sorted(set(seeds or ()) - set(comparison.seeds))
     if unknown:
         raise ConfigError(f"seeds {unknown} are not in the comparison's seeds {list(comparison.seeds)}")
-    runs = experiment_configs(comparison, seeds)
-    for label, seed, config in runs:  # fail on a bad name before any training
-        from ..methods import METHODS
-        from ..models import MODELS
-
-        METHODS.get(config.prune.method)
-        MODELS.get(config.model.name)
-    if dataset is None:
-        first = runs[0][2]
-        dataset = load_dataset(first.data.dataset, first.data.root)
-    failed = []
-    for i, (label, seed, config) in enumerate(runs, start=1):
-        run = RunDir.for_config(config, runs_dir)
-        echo(f"[{i}/{len(runs)}] {label} seed {seed}: {run.path}")
-        try:
-            run_sweep(config, run, progress=progress, echo=echo, dataset=dataset, dense_only=label == "dense")
-        except NonFiniteLossError as e:
-            # a diverged run is a result, not a reason to stop the other runs
-            failed.append(f"{label} seed {seed}")
-            echo(f"  diverged, continuing with the next run: {e}")
+    units = comparison_units(comparison, seeds)
+    for unit in units:  # fail on a bad name before any training
+        METHODS.get(unit.config.prune.method)
+        MODELS.get(unit.config.model.name)
+        check_sweep(unit.config, dense_only=unit.kwargs["dense_only"])
+    outcomes = run_units(units, runs_dir, executor, progress=progress, echo=echo)
     summary = aggregate(comparison, runs_dir)
-    summary["diverged"] = failed
+    summary["diverged"] = [o.key for o in outcomes if o.status == "diverged"]
+    summary["failed"] = failures(outcomes)
     return summary
 
 

@@ -41,7 +41,7 @@ from ..allocation import SCOPES as ALLOCATION_SCOPES
 from ..allocation import check_sparsity
 from ..analysis.mask_metrics import learning_distance, mask_iou
 from ..criteria import CRITERIA
-from ..data import ImageDataset, load_dataset
+from ..data import ImageDataset
 from ..errors import CheckpointError, ConfigError, UnknownNameError
 from ..methods.lottery import LotteryTicket, criterion_masks
 from ..resets import KEPT_INITS, init_kept_, rewind_
@@ -165,9 +165,12 @@ def run_lottery(
     progress: bool = True,
     echo: Callable[[str], None] = print,
     dataset: ImageDataset | None = None,
+    wait: bool = False,
 ) -> dict:
-    """Run (or resume, or re-read) the experiment in ``run``; returns its results."""
-    return execute(run, config, lambda data: _Lottery(config, run, data, progress, echo).run(), echo=echo, dataset=dataset)
+    """Run (or resume, or re-read) the experiment in ``run``; returns its results. ``wait``:
+    if another process holds the run, wait for it instead of refusing."""
+    return execute(run, config, lambda data: _Lottery(config, run, data, progress, echo).run(), echo=echo,
+                   dataset=dataset, wait=wait)
 
 
 def control_seed(seed: int, round: int, init: str) -> int:
@@ -433,16 +436,17 @@ def seed_config(config: LotteryConfig, seed: int) -> LotteryConfig:
 
 def run_lottery_seeds(
     config: LotteryConfig, seeds: Sequence[int], runs_dir: str | Path, out_dir: str | Path | None = None,
-    *, progress: bool = True, echo: Callable[[str], None] = print, dataset: ImageDataset | None = None,
+    *, progress: bool = True, echo: Callable[[str], None] = print, executor="local",
 ) -> dict:
-    """Run every seed (each resumable on its own), then aggregate what finished."""
-    dataset = dataset if dataset is not None else load_dataset(config.data.dataset, config.data.root)
-    for seed in seeds:
-        cfg = seed_config(config, seed)
-        run = RunDir.for_config(cfg, runs_dir)
-        echo(f"seed {seed}: {run.path}")
-        run_lottery(cfg, run, progress=progress, echo=echo, dataset=dataset)
-    return aggregate_lottery(config, seeds, runs_dir, out_dir)
+    """Run every seed (a unit each, resumable on its own) on ``executor``, then aggregate what
+    finished; seeds that failed are listed under ``failed``."""
+    from .runner import Unit, failures, run_units
+
+    units = [Unit(f"seed {seed}", seed_config(config, seed), run_lottery) for seed in seeds]
+    outcomes = run_units(units, runs_dir, executor, progress=progress, echo=echo)
+    summary = aggregate_lottery(config, seeds, runs_dir, out_dir)
+    summary["failed"] = failures(outcomes)
+    return summary
 
 
 _METRICS = ("test_acc", "early_stop_test_acc", "early_stop_step", "learning_distance")

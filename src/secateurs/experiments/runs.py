@@ -189,13 +189,17 @@ def execute(run: RunDir, config, body, *, echo=print, dataset=None, wait: bool =
         MODELS.get(config.model.name)
     if run.results_path.is_file() and run.results().get("complete"):
         run.bind(config)
-        echo(f"reusing finished run {run.path}")
+        echo(f"{REUSED} {run.path}")
+#: How :func:`execute` says a run was already finished (the runner counts it as reused).
+REUSED = "reusing finished run"
+
+
         return run.results()
     dataset = dataset if dataset is not None else load_dataset(config.data.dataset, config.data.root)
     run.bind(config)
     with run.lock(wait=wait):
         if run.results_path.is_file() and run.results().get("complete"):
-            echo(f"reusing finished run {run.path}")  # finished by the process that held it
+            echo(f"{REUSED} {run.path}")  # finished by the process that held it
             return run.results()
         return body(dataset)
 

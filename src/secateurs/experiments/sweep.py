@@ -203,8 +203,10 @@ def run_sweep(
     dataset: ImageDataset | None = None,
     dense_only: bool = False,
     start_from: RunDir | None = None,
+    wait: bool = False,
 ) -> dict:
     """Run (or resume, or reuse) the experiment in ``run``; returns the results dict.
+    ``wait``: if another process holds the run, wait for it instead of refusing.
 
     ``start_from``: another run whose dense phase this one may start from (``secateurs train
     --resume DIR --set ...``): when :func:`dense_reuse` allows it and ``run`` has no dense
@@ -212,7 +214,7 @@ def run_sweep(
     which is then continued), log and row are copied in, after every check has passed."""
     check_sweep(config, dense_only)
     return execute(run, config, lambda data: _Sweep(config, run, data, progress, echo, start_from).run(),
-                   echo=echo, dataset=dataset)
+                   echo=echo, dataset=dataset, wait=wait)
 
 
 #: Config sections the dense phase does not read: a run that differs from another only here
