@@ -268,3 +268,75 @@ def test_the_zoo_resnets_are_linearizable_with_one_mask_per_activation():
     assert sum(counts.values()) == 16 * 32 * 32 + 6 * (16 * 32 * 32 + 32 * 16 * 16 + 64 * 8 * 8) == 188416
     assert torch.equal(model(x), before)  # all alphas 1: still the same network
     assert binarize(model, 1000) and relu_count(model)[0] == 1000
+
+
+def snl_records(run, phase):
+    """The search's check records of ``phase`` by step; a step logged twice (before an
+    interruption and again after resuming) keeps its last record."""
+    records = [json.loads(line) for line in run.metrics_path.read_text().splitlines()]
+    return {r["step"]: r for r in records if r["phase"] == phase}
+
+
+def test_an_interrupted_search_resumes_bit_identically(tmp_path, monkeypatch, digits):
+    # min_decrease 0.5: lambda grows at the checks (the lasso schedule's state must survive too)
+    data = copy.deepcopy(BASE)
+    data["snl"].update(budgets=[0.5], min_decrease=0.5)
+    _, clean_run, _ = linearize(tmp_path / "clean", digits, data)
+    saved = torch.load(clean_run.checkpoint("budget-0.5-snl"), weights_only=False)
+    assert saved["stopped"] and saved["train_state"]["step"] < 12  # the budget was met before the last step
+    assert saved["extra_state"]["lasso"]["lasso"] > BASE["snl"]["lasso"]
+    original_log = RunDir.log
+
+    def interrupting_log(self, record):
+        original_log(self, record)
+        if record["phase"] == "budget-0.5-snl" and record["step"] == 8:  # search epoch 2
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunDir, "log", interrupting_log)
+    with pytest.raises(KeyboardInterrupt):
+        linearize(tmp_path / "cut", digits, data)
+    monkeypatch.setattr(RunDir, "log", original_log)
+    said = []
+    _, run, _ = linearize(tmp_path / "cut", digits, data, echo=said.append)
+    assert "resumed budget-0.5-snl at epoch 1/2" in said
+    assert snl_records(run, "budget-0.5-snl") == snl_records(clean_run, "budget-0.5-snl")
+    resumed = torch.load(run.checkpoint("budget-0.5-snl"), weights_only=False)
+    assert resumed["extra_state"] == saved["extra_state"] and resumed["train_state"] == saved["train_state"]
+    for name in ("budget-0.5-snl", "budget-0.5-mask", "budget-0.5-finetune"):
+        a = torch.load(clean_run.checkpoint(name), weights_only=False)["model"]
+        b = torch.load(run.checkpoint(name), weights_only=False)["model"]
+        assert a.keys() == b.keys() and all(
+            torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a
+        ), name
+
+
+def test_a_search_checkpoint_of_the_old_loop_is_refused_with_the_fix(tmp_path, monkeypatch, digits):
+    from secateurs.errors import CheckpointError
+    from secateurs.train import save_checkpoint
+
+    original_log = RunDir.log
+
+    def interrupting_log(self, record):
+        original_log(self, record)
+        if record["phase"] == "budget-0.5-snl":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunDir, "log", interrupting_log)
+    with pytest.raises(KeyboardInterrupt):
+        linearize(tmp_path, digits)
+    monkeypatch.setattr(RunDir, "log", original_log)
+    run = RunDir.for_config(load_linearize_config(None, BASE), tmp_path)
+    save_checkpoint(run.checkpoint("budget-0.5-snl"), {"model": {}, "search": {"epoch": 1, "step": 6}})
+    with pytest.raises(CheckpointError, match="budget-0.5-snl.pt is an SNL search checkpoint written by an older "
+                                              "secateurs; delete it to redo budget-0.5-snl"):
+        linearize(tmp_path, digits)
+
+
+def test_a_diverging_search_names_the_snl_settings(tmp_path, digits):
+    from secateurs.errors import NonFiniteLossError
+
+    data = copy.deepcopy(BASE)
+    data["snl"]["optimizer"] = {"name": "sgd", "lr": 1e30}
+    with pytest.raises(NonFiniteLossError, match=r"budget-0.5-snl: loss became .* snl.optimizer.lr \(1e\+30\).*"
+                                                 r"snl.alpha_lr \(0.1\) and snl.lasso \(0.001\)\. Lower them"):
+        linearize(tmp_path, digits, data)

@@ -8,12 +8,16 @@ positions per sample) is a separate run from that trained network, in three stag
    and alphas are trained on ``CE + lambda * ||alpha||_1``. Every ``check_every`` steps the
    ReLUs with alpha above ``threshold`` are counted: lambda grows by ``lasso_growth`` when
    the count has not fallen, and the stage ends as soon as the count is within the budget
-   (or after ``snl.epochs``). Checkpointed per epoch (``checkpoints/budget-X-snl.pt``).
+   (or after ``snl.epochs``). It is a :class:`~secateurs.train.Trainer` with hooks (the loss,
+   an Adam optimizer for the alphas, clamping, the check that stops it), checkpointed per
+   epoch (``checkpoints/budget-X-snl.pt``).
 2. Binarize: exactly ``round(budget * total)`` ReLUs are kept, those of largest alpha; the
    network with its fixed mask is saved (``checkpoints/budget-X-mask.pt``).
 3. Fine-tune the weights with the mask fixed (``finetune``; ``checkpoints/budget-X-finetune.pt``).
 
-An interrupted run loses at most one epoch of its current stage, and finished budgets (rows
+Every phase's data order and training RNG come from ``derive_seed(seed, "linearize",
+<phase>)`` (``dense``, ``budget-X-snl``, ``budget-X-finetune``). An interrupted run loses at
+most one epoch of its current stage, and finished budgets (rows
 in ``results.json`` with their fine-tune checkpoint) are never redone. Deviations from the
 paper: the fine-tune uses cross-entropy without knowledge distillation, and alphas are kept
 in [0, 1] by clamping after each step.
@@ -30,14 +34,14 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..data import ImageDataset
-from ..errors import ConfigError, NonFiniteLossError, SparsityMismatchError
+from ..errors import CheckpointError, ConfigError, NonFiniteLossError, SparsityMismatchError
 from ..linearize import (
     LassoSchedule, alpha_parameters, binarize, clamp_alphas_, lasso_penalty, linearizable, relu_count,
 )
-from ..train import Trainer, build_optimizer, evaluate, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..seeding import derive_seed
+from ..train import Trainer, TrainConfig, build_optimizer, evaluate, load_checkpoint, save_checkpoint
 from ..train.config import OptimizerConfig
 from .config import DataConfig, HashedConfig, ModelConfig, PhaseConfig, load_typed, with_model_defaults
 from .runs import RunDir, atomic_write_text, execute
@@ -138,8 +142,10 @@ class _Linearize:
         self.data = _Data(config, dataset)
         self.dataset = self.data.dataset
 
-    def _trainer(self, model: nn.Module, name: str, phase: PhaseConfig, index: int, desc: str) -> Trainer:
-        return phase_trainer(self.data, self.run_dir, self.config, model, name, phase, index, desc, self.progress)
+    def _trainer(self, model: nn.Module, name: str, phase: PhaseConfig, desc: str) -> Trainer:
+        """Seeded by ``derive_seed(seed, "linearize", name)``, as the search is."""
+        return phase_trainer(self.data, self.run_dir, self.config, model, name, phase, None, desc, self.progress,
+                             procedure="linearize")
 
     def _linearized_dense(self) -> nn.Module:
         """The trained dense network with every ReLU masked (all alphas 1: the same function)."""
@@ -151,7 +157,7 @@ class _Linearize:
     # -- dense ----------------------------------------------------------------------------------
     def dense(self) -> dict:
         model = build_model(self.config, self.dataset)
-        trainer = self._trainer(model, "dense", self.config.train, 0, "dense")
+        trainer = self._trainer(model, "dense", self.config.train, "dense")
         if trainer.resume():
             self.echo(f"resumed dense training at epoch {trainer.state.epoch}/{self.config.train.epochs}")
         history = trainer.fit()
@@ -162,75 +168,65 @@ class _Linearize:
                 "relus": sum(positions.values()), "layers": positions}
 
     # -- SNL search -----------------------------------------------------------------------------
-    def search(self, model: nn.Module, budget: int, index: int, phase: str, desc: str) -> dict:
+    def search(self, model: nn.Module, budget: int, phase: str, desc: str) -> dict:
         """Train weights and alphas on CE + lambda * ||alpha||_1 until at most ``budget``
-        alphas exceed the threshold; resumable per epoch."""
+        alphas exceed the threshold: a Trainer whose hooks are SNL (the loss, Adam for the
+        alphas, clamping, the check that grows lambda and stops the search); resumable per epoch."""
         s, name = self.s, f"{phase}-snl"
         path = self.run_dir.checkpoint(name)
         alphas = alpha_parameters(model)
-        mask_ids = {id(a) for a in alphas}
-        optimizer = build_optimizer([p for p in model.parameters() if id(p) not in mask_ids], s.optimizer)
-        alpha_optimizer = torch.optim.Adam(alphas, lr=s.alpha_lr)
+        ids = {id(a) for a in alphas}
         schedule = LassoSchedule(budget, s.lasso, s.lasso_growth, s.min_decrease)
-        train = self.data.train(self.config.seed * 1000 + 50 + index)
-        state = {"epoch": 0, "step": 0, "done": False, "alive": None}
-        if path.is_file():
-            saved = load_checkpoint(path)
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            alpha_optimizer.load_state_dict(saved["alpha_optimizer"])
-            schedule.load_state_dict(saved["lasso"])
-            train.load_state_dict(saved["train_data"])
-            set_rng_state(saved["rng"])
-            state = saved["search"]
-            if not state["done"] and state["epoch"] < s.epochs:
-                self.echo(f"resumed {name} at epoch {state['epoch']}/{s.epochs}")
-        else:
-            torch.manual_seed(self.config.seed * 1000 + 50 + index)
-        model.train()
-        while not state["done"] and state["epoch"] < s.epochs:
-            epoch = state["epoch"] + 1
-            with tqdm(total=len(train), desc=f"{desc} {epoch}/{s.epochs}", disable=not self.progress,
-                      leave=False, dynamic_ncols=True) as bar:
-                for x, y in train:
-                    ce = F.cross_entropy(model(x), y)
-                    loss = ce + schedule.lasso * lasso_penalty(model)
-                    optimizer.zero_grad(set_to_none=True)
-                    alpha_optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    alpha_optimizer.step()
-                    clamp_alphas_(model)
-                    state["step"] += 1
-                    value = float(loss.detach())
-                    if not math.isfinite(value):
-                        raise NonFiniteLossError(
-                            f"{name}: loss became {value} at step {state['step']} (epoch {epoch}); lower snl.alpha_lr "
-                            f"({s.alpha_lr}), snl.optimizer.lr ({s.optimizer.lr}) or snl.lasso ({s.lasso}), then re-run: "
-                            "the last finished epoch is kept"
-                        )
-                    bar.update(1)
-                    if state["step"] % s.check_every == 0:
-                        state["alive"] = relu_count(model, s.threshold)[0]
-                        state["done"] = schedule.update(state["alive"])
-                        bar.set_postfix(alive=state["alive"], lasso=f"{schedule.lasso:.3g}", ce=f"{float(ce.detach()):.3f}",
-                                        refresh=False)
-                        self.run_dir.log({"phase": name, "epoch": state["step"] / len(train), "step": state["step"],
-                                          "alive": state["alive"], "budget": budget, "lasso": schedule.lasso,
-                                          "train_ce": float(ce.detach())})
-                        if state["done"]:
-                            break
-            state["epoch"] = epoch
-            save_checkpoint(path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "alpha_optimizer": alpha_optimizer.state_dict(), "lasso": schedule.state_dict(),
-                "train_data": train.state_dict(), "rng": rng_state(), "search": dict(state),
-            })
+        cfg = TrainConfig(epochs=s.epochs, optimizer=s.optimizer, seed=derive_seed(self.config.seed, "linearize", name),
+                          device=self.config.device, health="off")  # the loss includes the penalty: no chance level
+        ce: dict[str, torch.Tensor] = {}  # the last step's cross-entropy, read back only at checks
+
+        def loss_fn(m: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            loss = F.cross_entropy(logits, y)
+            ce["last"] = loss.detach()
+            return loss + schedule.lasso * lasso_penalty(m)
+
+        def check(trainer: Trainer) -> None:
+            step = trainer.state.step
+            if step % s.check_every:
+                return
+            alive = relu_count(model, s.threshold)[0]
+            done = schedule.update(alive)
+            self.run_dir.log({"phase": name, "epoch": step / trainer.steps_per_epoch, "step": step, "alive": alive,
+                              "budget": budget, "lasso": schedule.lasso, "train_ce": float(ce["last"])})
+            if done:
+                trainer.stop()
+
+        trainer = Trainer(
+            model, self.data.train(cfg.seed), cfg, checkpoint_path=path, progress=self.progress, progress_desc=desc,
+            optimizer=build_optimizer([p for p in model.parameters() if id(p) not in ids], s.optimizer),
+            loss_fn=loss_fn, extra_optimizers=[torch.optim.Adam(alphas, lr=s.alpha_lr)],
+            after_step=[lambda t: clamp_alphas_(t.model)], step_callbacks=[check], extra_state={"lasso": schedule},
+        )
+        try:
+            resumed = trainer.resume()
+        except CheckpointError:
+            if "search" in load_checkpoint(path):  # the layout of the hand-written loop before this one
+                raise CheckpointError(
+                    f"{path} is an SNL search checkpoint written by an older secateurs; delete it to redo "
+                    f"{name} from the trained dense network (the rest of the run is kept)"
+                ) from None
+            raise
+        if resumed and not trainer.stopped and trainer.state.epoch < s.epochs:
+            self.echo(f"resumed {name} at epoch {trainer.state.epoch}/{s.epochs}")
+        try:
+            trainer.fit()
+        except NonFiniteLossError as e:
+            raise NonFiniteLossError(
+                f"{name}: {e} In the SNL search that learning rate is snl.optimizer.lr ({s.optimizer.lr}) and there is "
+                f"no grad_clip; the alphas follow snl.alpha_lr ({s.alpha_lr}) and snl.lasso ({s.lasso}). Lower them "
+                "and run again (a changed config is a new run directory)"
+            ) from None
         alive = relu_count(model, s.threshold)[0]
         if alive > budget:
             self.echo(f"{name}: {alive} ReLUs still above snl.threshold after {s.epochs} epochs (budget {budget}); "
                       "binarizing anyway. Raise snl.lasso, snl.lasso_growth or snl.epochs to finish the search")
-        return {"epochs": state["epoch"], "steps": state["step"], "reached_budget": alive <= budget,
+        return {"epochs": trainer.state.epoch, "steps": trainer.state.step, "reached_budget": alive <= budget,
                 "alive_at_end": alive, "lasso_final": schedule.lasso}
 
     # -- one budget -----------------------------------------------------------------------------
@@ -245,10 +241,10 @@ class _Linearize:
             model.load_state_dict(saved["model"])  # hard mode and the mask come with the state
             record = saved["record"]
         else:
-            record = self.search(model, budget, index, phase, f"{desc} snl")
+            record = self.search(model, budget, phase, f"{desc} snl")
             record["acc_soft"] = evaluate(model, self.data.test)["acc"]
             binarize(model, budget)
-        trainer = self._trainer(model, f"{phase}-finetune", self.config.finetune, 100 + index, f"{desc} fine-tune")
+        trainer = self._trainer(model, f"{phase}-finetune", self.config.finetune, f"{desc} fine-tune")
         if "acc_before_finetune" not in record:
             before = trainer.evaluate(self.data.test)
             record.update(acc_before_finetune=before["acc"], loss_before_finetune=before["loss"])

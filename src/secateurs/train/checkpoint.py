@@ -112,10 +112,10 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
 def _describe_differences(model_sd: Mapping[str, torch.Tensor], ckpt_sd: Mapping[str, Any]) -> list[str]:
     missing = [k for k in model_sd if k not in ckpt_sd]
     unexpected = [k for k in ckpt_sd if k not in model_sd]
-    shapes = [
-        f"{k}: checkpoint {tuple(getattr(ckpt_sd[k], 'shape', ()))} vs model {tuple(v.shape)}"
+    shapes = [  # a module's extra state (e.g. MaskedReLU's mode) is no tensor: it has no shape to compare
+        f"{k}: checkpoint {tuple(getattr(ckpt_sd[k], 'shape', ()))} vs model {tuple(getattr(v, 'shape', ()))}"
         for k, v in model_sd.items()
-        if k in ckpt_sd and tuple(getattr(ckpt_sd[k], "shape", ())) != tuple(v.shape)
+        if k in ckpt_sd and tuple(getattr(ckpt_sd[k], "shape", ())) != tuple(getattr(v, "shape", ()))
     ]
     parts = []
     for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
