@@ -103,5 +103,7 @@ def test_layer_collapse_is_an_error_unless_allowed():
 
 
 def test_unknown_scope_lists_known():
-    with pytest.raises(UnknownNameError, match="global, uniform, erk, er"):
-        allocate("layerwise", _layers(), _active(_layers()), 0.5)
+    with pytest.raises(UnknownNameError, match="unknown scope 'local'; known scopes: global, uniform, erk, er"):
+        allocate("local", _layers(), _active(_layers()), 0.5)
+    # 'layerwise' (IMP's and structured pruning's old name of the same thing) reads as 'uniform'
+    assert allocate("layerwise", _layers(), _active(_layers()), 0.5) == allocate("uniform", _layers(), _active(_layers()), 0.5)

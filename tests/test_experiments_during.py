@@ -211,7 +211,7 @@ def test_reset_is_refused_for_a_during_training_method(tmp_path):
 
 
 def test_unknown_reset_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="unknown prune.reset 'rewnd'; known resets: keep, rewind, reinit"):
+    with pytest.raises(ConfigError, match=r"unknown prune.reset 'rewnd'; pruning sweeps \(prune.reset\) accepts the resets: keep, rewind, reinit"):
         run(tmp_path, **{"prune.reset": "rewnd"})
 
 

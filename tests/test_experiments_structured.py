@@ -109,8 +109,13 @@ def test_a_changed_config_is_refused_and_a_finished_run_is_reused(clean, digits)
 def test_bad_settings_name_the_known_values():
     with pytest.raises(UnknownNameError, match="known: bn_scale, l1, taylor"):
         load_structured_config(None, {"structured": {"importance": "l2"}})
-    with pytest.raises(UnknownNameError, match="known: layerwise, global"):
-        load_structured_config(None, {"structured": {"scope": "uniform"}})
+    with pytest.raises(UnknownNameError, match="structured.scope 'erk' does not apply to structured pruning.*uniform, global"):
+        load_structured_config(None, {"structured": {"scope": "erk"}})
+    with pytest.raises(UnknownNameError, match="unknown structured.scope 'local'.*accepts the scopes: uniform, global"):
+        load_structured_config(None, {"structured": {"scope": "local"}})
+    # configs/structured_*.yaml spell it 'layerwise': read as 'uniform', the same run (same hash)
+    old = load_structured_config(None, {"structured": {"scope": "layerwise"}})
+    assert old.structured.scope == "uniform" and old.short_hash() == load_structured_config(None, {}).short_hash()
     with pytest.raises(ConfigError, match=r"in \(0, 1\)"):
         load_structured_config(None, {"structured": {"flops_removed": [0.5, 1.0]}})
     with pytest.raises(ConfigError, match="steps must be an integer >= 1"):

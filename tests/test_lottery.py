@@ -151,8 +151,13 @@ def test_bad_names_list_the_known_ones():
         LotteryTicket(mlp(), None, criterion="largest")
     with pytest.raises(UnknownNameError, match="signed_constant"):
         LotteryTicket(mlp(), None, init="zeros")
-    with pytest.raises(ConfigError, match="layerwise"):
+    with pytest.raises(ConfigError, match="scope='uniform' for per-layer rates"):
         LotteryTicket(mlp(), None, scope="global", output_rate=0.1)
+    with pytest.raises(UnknownNameError, match="IMP scope 'erk' does not apply to IMP.*accepts the scopes uniform, global"):
+        LotteryTicket(mlp(), None, scope="erk")
+    with pytest.raises(UnknownNameError, match="IMP reset 'reinit' does not apply to LotteryTicket.*rewind, keep"):
+        LotteryTicket(mlp(), None, reset="reinit")
+    assert LotteryTicket(mlp(), None, scope="layerwise").imp_scope == "uniform"  # the old spelling still reads
 
 
 def test_same_sign_supermask_keeps_only_weights_that_kept_their_sign():
@@ -349,3 +354,22 @@ def test_control_seeds_do_not_depend_on_the_process():
         for h in (1, 2)
     }
     assert len(seeds) == 1
+
+
+def test_reset_names_come_from_the_one_vocabulary():
+    with pytest.raises(UnknownNameError, match=r"lottery.reset 'keep' does not apply to secateurs lottery.*use finetune or lr_rewind"):
+        load_lottery_config(None, {"lottery": {"reset": "keep"}})
+    with pytest.raises(UnknownNameError, match=r"unknown lottery.reset 'rewnd'; secateurs lottery \(lottery.reset\) accepts"):
+        load_lottery_config(None, {"lottery": {"reset": "rewnd"}})
+    with pytest.raises(UnknownNameError, match="lottery.scope 'erk' does not apply to IMP"):
+        load_lottery_config(None, {"lottery": {"scope": "erk"}})
+
+
+def test_a_ticket_saved_with_the_old_scope_name_resumes():
+    model = mlp()
+    state = LotteryTicket(model, None).state_dict()
+    state["plan"]["imp_scope"] = "layerwise"  # as saved before 'layerwise' became 'uniform'
+    LotteryTicket(mlp(), None).load_state_dict(state)
+    state["plan"]["imp_scope"] = "global"
+    with pytest.raises(CheckpointError, match="another plan"):
+        LotteryTicket(mlp(), None).load_state_dict(state)

@@ -12,10 +12,9 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .errors import ConfigError, UnknownNameError
+from .errors import ConfigError
 from .selection import count, kth_largest, select_at_threshold
-
-SCOPES = ("global", "uniform", "erk", "er")
+from .vocabulary import SCOPES  # the one vocabulary of scopes (see secateurs.vocabulary)
 
 
 def check_sparsity(sparsity: float, what: str = "sparsity") -> float:
@@ -158,8 +157,7 @@ def allocate(
     With ``uniform`` the pinned layers simply differ; with the others the total is exact.
     """
     check_sparsity(sparsity)
-    if scope not in SCOPES:
-        raise UnknownNameError(f"unknown scope {scope!r}; known scopes: {', '.join(SCOPES)}")
+    scope = SCOPES.check(scope, "scope")
     fixed_sparsity = dict(fixed_sparsity or {})
     for name, s in fixed_sparsity.items():
         check_sparsity(s, f"sparsity of {name}")

@@ -15,10 +15,11 @@ from typing import Any, Mapping
 
 import yaml
 
-from ..allocation import SCOPES, check_sparsity
+from ..allocation import check_sparsity
 from ..errors import ConfigError
 from ..train.config import LRScheduleConfig, OptimizerConfig
 from ..typed_config import from_dict
+from ..vocabulary import SCOPES, SWEEP_RESETS
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,8 @@ class PhaseConfig:
 HEALTH = ("error", "mark", "off")
 
 
-RESETS = ("keep", "rewind", "reinit")
+#: the resets a sweep takes (``prune.reset``): a subset of :data:`secateurs.vocabulary.RESETS`
+RESETS = SWEEP_RESETS
 
 
 @dataclass(frozen=True)
@@ -137,10 +139,9 @@ class PruneConfig:
     allow_layer_collapse: bool = False
 
     def __post_init__(self) -> None:
-        if self.reset not in RESETS:
-            raise ConfigError(f"unknown prune.reset {self.reset!r}; known resets: {', '.join(RESETS)}")
-        if self.scope is not None and self.scope not in SCOPES:
-            raise ConfigError(f"unknown prune.scope {self.scope!r}; known scopes: {', '.join(SCOPES)}")
+        object.__setattr__(self, "reset", SWEEP_RESETS.check(self.reset, "prune.reset"))
+        if self.scope is not None:
+            object.__setattr__(self, "scope", SCOPES.check(self.scope, "prune.scope"))
         for s in self.sparsities:
             check_sparsity(s, "prune.sparsities entry")
         if self.cumulative and list(self.sparsities) != sorted(self.sparsities):

@@ -37,7 +37,6 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..allocation import SCOPES as ALLOCATION_SCOPES
 from ..allocation import check_sparsity
 from ..analysis.mask_metrics import learning_distance, mask_iou
 from ..criteria import CRITERIA
@@ -47,6 +46,7 @@ from ..methods.lottery import LotteryTicket, criterion_masks
 from ..resets import KEPT_INITS, init_kept_, rewind_
 from ..schedules import parse_duration
 from ..seeding import derive_seed
+from ..vocabulary import IMP_SCOPES, LOTTERY_RESETS, SCOPES
 from ..train import Trainer, TrainConfig, build_optimizer, load_checkpoint, save_checkpoint
 from ..train.optim import build_lr_schedule
 from .config import (DataConfig, HashedConfig, ModelConfig, PhaseConfig, aggregate_dir, load_typed, read_yaml,
@@ -55,7 +55,6 @@ from .runs import RunDir, atomic_write_text, execute
 from .sweep import _Data, build_model
 
 PROCEDURES = ("imp", "colt")
-LOTTERY_RESETS = ("rewind", "lr_rewind", "finetune", "linear_decay")
 SPLITS = ("classes", "random")
 
 
@@ -77,8 +76,7 @@ class SupermaskConfig:
             check_sparsity(s, "lottery.supermask.sparsities entry")
         for i in self.inits:
             KEPT_INITS.get(i)
-        if self.scope not in ALLOCATION_SCOPES:
-            raise UnknownNameError(f"unknown lottery.supermask.scope {self.scope!r}; known scopes: {', '.join(ALLOCATION_SCOPES)}")
+        object.__setattr__(self, "scope", SCOPES.check(self.scope, "lottery.supermask.scope"))
 
 
 @dataclass(frozen=True)
@@ -90,7 +88,7 @@ class LotterySettings:
     rate: float = 0.2
     output_rate: float | None = None
     layer_rates: dict[str, float] = field(default_factory=dict)
-    scope: str = "layerwise"
+    scope: str = "uniform"
     criterion: str = "large_final"
     rewind: str = "0it"
     reset: str = "rewind"
@@ -110,7 +108,8 @@ class LotterySettings:
                 raise UnknownNameError(f"unknown lottery.{what} {value!r}; known: {', '.join(names)}")
 
         known(self.procedure, PROCEDURES, "procedure")
-        known(self.reset, LOTTERY_RESETS, "reset")
+        object.__setattr__(self, "reset", LOTTERY_RESETS.check(self.reset, "lottery.reset"))
+        object.__setattr__(self, "scope", IMP_SCOPES.check(self.scope, "lottery.scope"))
         known(self.split, SPLITS, "split")
         CRITERIA.get(self.criterion)
         KEPT_INITS.get(self.init)

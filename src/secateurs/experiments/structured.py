@@ -45,7 +45,7 @@ from ..structured import (
     IMPORTANCE, build_graph, load_compact, model_cost, plan_removal, prune_to_flops, remove_units,
     save_compact, taylor_importance,
 )
-from ..structured.prune import SCOPES as STRUCTURED_SCOPES
+from ..vocabulary import STRUCTURED_SCOPES
 from ..train import Trainer, load_checkpoint, save_checkpoint
 from .config import DataConfig, HashedConfig, ModelConfig, PhaseConfig, load_typed, with_model_defaults
 from .runs import RunDir, atomic_write_text, execute
@@ -74,7 +74,7 @@ class StructuredSettings:
 
     flops_removed: tuple[float, ...] = (0.5,)
     importance: str = "l1"  # l1, bn_scale, taylor (first order) or taylor2 (second order)
-    scope: str = "layerwise"
+    scope: str = "uniform"  # or "global"; "layerwise" is read as "uniform"
     steps: int = 1
     taylor_batches: int = 10
     exclude: tuple[str, ...] = ()
@@ -88,10 +88,7 @@ class StructuredSettings:
             raise UnknownNameError(
                 f"unknown structured.importance {self.importance!r}; known: {', '.join(IMPORTANCES)}"
             )
-        if self.scope not in STRUCTURED_SCOPES:
-            raise UnknownNameError(
-                f"unknown structured.scope {self.scope!r}; known: {', '.join(STRUCTURED_SCOPES)}"
-            )
+        object.__setattr__(self, "scope", STRUCTURED_SCOPES.check(self.scope, "structured.scope"))
         for f in self.flops_removed:
             if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f < 1.0:
                 raise ConfigError(

@@ -17,16 +17,17 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequenc
 import torch
 from torch import nn
 
-from ..allocation import SCOPES, allocate, check_sparsity, keep_count
+from ..allocation import allocate, check_sparsity, keep_count
 from ..engine import drop_and_grow, prune
 from ..errors import (
-    CheckpointError, ConfigError, SecateursError, SparsityMismatchError, UnknownNameError, UsageWarning,
+    CheckpointError, ConfigError, SecateursError, SparsityMismatchError, UsageWarning,
 )
 from ..masks import DEFAULT_PRUNABLE_TYPES, Masks
 from ..outputs import batch_source
 from ..regrowth import GrowContext, RegrowthRule, regrow_by_gradient
 from ..schedules import CosineDropFraction, Schedule
 from ..scores import random as random_score
+from ..vocabulary import SCOPES
 
 _STATE_FORMAT = "secateurs.sparsifier/1"
 #: an iterable of ``(x, y)`` batches that can be iterated again (or a callable returning one)
@@ -151,9 +152,7 @@ class Sparsifier(metaclass=_Managed):
         if sparsity is not None:
             check_sparsity(sparsity)
         check_sparsity(initial_sparsity, "initial_sparsity")
-        for what, value in (("scope", scope), ("initial_scope", initial_scope)):
-            if value not in SCOPES:
-                raise UnknownNameError(f"unknown {what} {value!r}; known scopes: {', '.join(SCOPES)}")
+        scope, initial_scope = SCOPES.check(scope, "scope"), SCOPES.check(initial_scope, "initial_scope")
         if (regrowth is None) != (swap_schedule is None):
             raise ConfigError("regrowth and swap_schedule go together: give both (dynamic sparse training) or neither")
         batches = batch_source(batches)
@@ -483,6 +482,9 @@ class Sparsifier(metaclass=_Managed):
     def _check_plan(self, saved: Mapping | None) -> None:
         if saved is None:
             return
+        # a scope saved under its old spelling ('layerwise') is the same plan
+        saved = {k: SCOPES.aliases.get(v, v) if k in ("scope", "imp_scope") and isinstance(v, str) else v
+                 for k, v in saved.items()}
         mine = self.plan()
         if dict(saved) == mine:
             return

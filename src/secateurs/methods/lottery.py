@@ -28,14 +28,15 @@ from ..allocation import allocate, check_sparsity, global_keep, rate_keep
 from ..allocation import layer_rates as resolve_layer_rates
 from ..criteria import CRITERIA, make_score
 from ..engine import prune
-from ..errors import CheckpointError, ConfigError, UnknownNameError
+from ..errors import CheckpointError, ConfigError
 from ..masks import unwrap_model
 from ..resets import KEPT_INITS, init_kept_, rewind_, snapshot
 from ..scores import magnitude
+from ..vocabulary import IMP_RESETS, IMP_SCOPES
 from .base import Sparsifier
 
-RESETS = ("rewind", "keep")
-SCOPES = ("layerwise", "global")
+RESETS = IMP_RESETS  # the subset of :data:`secateurs.vocabulary.RESETS` a ticket takes
+SCOPES = IMP_SCOPES  # the subset of :data:`secateurs.vocabulary.SCOPES` IMP takes
 
 
 class LotteryTicket(Sparsifier):
@@ -46,7 +47,8 @@ class LotteryTicket(Sparsifier):
         rate: fraction of the *remaining* prunable weights removed per round (0.2 = 20%).
         output_rate: rate of the last prunable layer (LTH: half the rate); None = ``rate``.
         layer_rates: ``{glob: rate}`` overrides (e.g. conv layers at 10%).
-        scope: ``"layerwise"`` (each layer loses its own rate) or ``"global"`` (``rate`` of
+        scope: ``"uniform"`` (each layer loses its own rate; ``"layerwise"`` is its old
+            spelling) or ``"global"`` (``rate`` of
             all remaining weights, one score threshold across layers).
         criterion: a name from :data:`secateurs.criteria.CRITERIA`, scored from the weights at
             the rewind point and the current (trained) weights.
@@ -71,7 +73,7 @@ class LotteryTicket(Sparsifier):
         rate: float = 0.2,
         output_rate: float | None = None,
         layer_rates: Mapping[str, float] | None = None,
-        scope: str = "layerwise",
+        scope: str = "uniform",
         criterion: str = "large_final",
         rewind_step: int = 0,
         reset: str = "rewind",
@@ -82,10 +84,8 @@ class LotteryTicket(Sparsifier):
         seed: int = 0,
         takeover: bool = False,
     ):
-        if scope not in SCOPES:
-            raise UnknownNameError(f"unknown IMP scope {scope!r}; known scopes: {', '.join(SCOPES)}")
-        if reset not in RESETS:
-            raise UnknownNameError(f"unknown IMP reset {reset!r}; known resets: {', '.join(RESETS)}")
+        scope = IMP_SCOPES.check(scope, "IMP scope")
+        reset = IMP_RESETS.check(reset, "IMP reset")
         CRITERIA.get(criterion)
         KEPT_INITS.get(init)
         if not isinstance(rewind_step, int) or isinstance(rewind_step, bool) or rewind_step < 0:
@@ -93,7 +93,7 @@ class LotteryTicket(Sparsifier):
         if scope == "global" and (output_rate is not None or layer_rates):
             raise ConfigError(
                 "scope='global' prunes `rate` of all remaining weights under one threshold, so output_rate and "
-                "layer_rates do not apply; use scope='layerwise' for per-layer rates, or exclude layers instead"
+                "layer_rates do not apply; use scope='uniform' for per-layer rates, or exclude layers instead"
             )
         # prune() (one-shot, outside the rounds) ranks by magnitude = large_final
         super().__init__(model, optimizer, score=magnitude, include=include, exclude=exclude, seed=seed,
@@ -130,7 +130,7 @@ class LotteryTicket(Sparsifier):
         score = make_score(self.criterion, initial)
         scores = score(self.masks.weights(), self.generator)
         active = self.masks.active()
-        if self.imp_scope == "layerwise":
+        if self.imp_scope == "uniform":
             keep = rate_keep(active, self.rates)
         else:
             remaining = sum(active.values())

@@ -2,7 +2,7 @@
 lossless compaction of channels that are already all zero.
 
 ``prune_channels`` ranks each group's units by an importance score and removes the lowest,
-either the same share of every group ("layerwise", as Li et al., 2017 prune each layer)
+either the same share of every group ("uniform", formerly "layerwise", as Li et al., 2017 prune each layer)
 or by one ranking across groups ("global", as Molchanov et al., 2019; scores are first
 divided by their group's mean so that groups of different scale compete fairly).
 """
@@ -19,12 +19,13 @@ from .cost import model_cost
 from .graph import DependencyGraph, Group, build_graph
 from .importance import Scores, resolve_scores
 from .rebuild import remove_units
+from ..vocabulary import STRUCTURED_SCOPES
 
 __all__ = ["plan_removal", "prune_channels", "compact_zero_channels", "prune_to_flops"]
 
 Amount = Union[float, Mapping[str, int]]
 Importance = Union[str, Mapping[str, torch.Tensor], Callable[[nn.Module, DependencyGraph], Scores]]
-SCOPES = ("layerwise", "global")
+SCOPES = STRUCTURED_SCOPES  # the subset of :data:`secateurs.vocabulary.SCOPES` channel pruning takes
 
 
 def _check_ratio(ratio: float) -> float:
@@ -119,19 +120,18 @@ def plan_removal(
     graph: DependencyGraph,
     scores: Scores,
     amount: Amount,
-    scope: str = "layerwise",
+    scope: str = "uniform",
     min_channels: int = 1,
 ) -> dict[str, list[int]]:
     """Which units to remove: ``{group name: unit indices}``.
 
-    A float ``amount`` removes ``floor(amount * units)`` per group ("layerwise") or that share
+    A float ``amount`` removes ``floor(amount * units)`` per group ("uniform") or that share
     of all prunable units ranked together ("global"); every layer keeps at least
     ``min_channels`` of the group's channels (fewer are removed if needed). A mapping gives exact counts per group and raises rather than clamp.
     """
     if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
         raise ConfigError(f"min_channels must be an int >= 1, got {min_channels!r}")
-    if scope not in SCOPES:
-        raise ConfigError(f"scope must be one of {SCOPES}, got {scope!r}")
+    scope = STRUCTURED_SCOPES.check(scope, "scope")
     if isinstance(amount, Mapping):
         return _plan_counts(graph, scores, amount, min_channels)
     ratio = _check_ratio(amount)
@@ -153,7 +153,7 @@ def prune_channels(
     importance: Importance = "l1",
     exclude: Sequence[str] = (),
     min_channels: int = 1,
-    scope: str = "layerwise",
+    scope: str = "uniform",
 ) -> nn.Module:
     """A new, physically smaller copy of ``model`` with the least important channels removed.
 
@@ -219,7 +219,7 @@ def prune_to_flops(
     importance: Importance = "l1",
     exclude: Sequence[str] = (),
     min_channels: int = 1,
-    scope: str = "layerwise",
+    scope: str = "uniform",
     tolerance: float = 0.005,
     max_steps: int = 20,
 ) -> tuple[nn.Module, float]:
