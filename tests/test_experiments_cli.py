@@ -191,6 +191,14 @@ def test_cli_help_and_list(capsys):
                  "large_final_same_sign", "signed_constant", "lr_rewind", "taylor2", "nm",
                  "transformers.pytorch_utils.Conv1D", "qkvo_attention", "gated_mlp"):
         assert name in out
+    # each table a config reaches, with its key; the scopes and resets once, with their meanings
+    for line in ("methods (prune.method):", "models (model.name):", "datasets (data.dataset):",
+                 "regrowth rules (prune.params.regrowth of granet, rigl, set):",
+                 "scopes (prune.scope, lottery.scope, lottery.supermask.scope, structured.scope):",
+                 "resets (prune.reset, lottery.reset):", "  IMP (lottery.scope, LotteryTicket): uniform, global",
+                 "  secateurs lottery (lottery.reset): rewind, lr_rewind, finetune, linear_decay"):
+        assert line in out.splitlines(), line
+    assert "schedules:" not in out and out.count("  linear_decay ") == 1
 
 
 def test_report_without_results_is_a_clear_error(tmp_path, capsys):

@@ -229,3 +229,37 @@ def test_a_diverged_run_does_not_stop_the_comparison(tmp_path):
     assert any("diverged, continuing" in m for m in messages)
     methods = {r["method"] for r in summary["rows"]}
     assert methods == {"dense", "SET"} and "boom seed 0 sparsity-0.9" in summary["missing"]
+
+
+def test_config_chooses_the_regrowth_rule_by_name(tmp_path):
+    """prune.params.regrowth picks a rule of secateurs.regrowth.REGROWTH: RigL regrowing at
+    random is SET's rule, and ends with other masks than RigL's gradient regrowth."""
+    from secateurs.regrowth import GradientRegrowth, RandomRegrowth
+    import secateurs.experiments.sweep as sweep
+
+    built = []
+    original = sweep.build_sparsifier
+
+    def spy(*args, **kwargs):
+        built.append(original(*args, **kwargs))
+        return built[-1]
+
+    over = {"prune.method": "rigl", "prune.sparsities": [0.9], "prune.dense_baseline": False, "train.epochs": 1}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sweep, "build_sparsifier", spy)
+        _, gradient_run, _ = run(tmp_path, "gradient", **over, **{"prune.params": {"every": 5}})
+        assert type(built[-1].regrowth) is GradientRegrowth
+        _, random_run, _ = run(tmp_path, "random", **over, **{"prune.params": {"every": 5, "regrowth": "random"}})
+        assert type(built[-1].regrowth) is RandomRegrowth
+    a = load_checkpoint(gradient_run.checkpoint("sparsity-0.9"))["sparsifier"]["masks"]["masks"]
+    b = load_checkpoint(random_run.checkpoint("sparsity-0.9"))["sparsifier"]["masks"]["masks"]
+    assert any(not torch.equal(a[n], b[n]) for n in a)
+
+
+def test_unknown_regrowth_rule_lists_the_known_ones(tmp_path):
+    from secateurs.errors import UnknownNameError
+
+    with pytest.raises(UnknownNameError, match="unknown regrowth rule 'momentum'; known regrowth rules: cosine, gradient, random"):
+        run(tmp_path, **{"prune.method": "granet", "prune.params": {"every": 5, "regrowth": "momentum"}})
+    with pytest.raises(ConfigError, match="regrowth must be a rule name"):
+        run(tmp_path, **{"prune.method": "set", "prune.params": {"regrowth": 3}})

@@ -1,7 +1,7 @@
 import pytest
 
-from secateurs.errors import ConfigError, UnknownNameError
-from secateurs.schedules import Constant, Cubic, Geometric, OneShot, build_schedule, cubic_sparsity
+from secateurs.errors import ConfigError
+from secateurs.schedules import Constant, Cubic, Geometric, OneShot, cubic_sparsity
 
 
 def test_cubic_matches_zhu_gupta_eq1():
@@ -46,11 +46,3 @@ def test_one_shot_and_constant():
 def test_bad_cubic(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         Cubic(**kwargs)
-
-
-def test_build_schedule_rejects_unknown_names_and_fields():
-    assert build_schedule("cubic", final=0.8, start=0, end=10, every=5).final == 0.8
-    with pytest.raises(UnknownNameError, match="one_shot"):
-        build_schedule("exponential")
-    with pytest.raises(ConfigError, match="fields are"):
-        build_schedule("cubic", final=0.8, start=0, end=10, every=5, delta=3)

@@ -17,13 +17,13 @@ from .errors import (
 from .layers import PruningNotice, register_layer
 from .masks import Masks, select_prunable
 from .methods import METHODS, Magnitude, Random, Sparsifier
-from .schedules import Constant, Cubic, Geometric, OneShot, build_schedule
+from .schedules import Constant, Cubic, Geometric, OneShot
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Masks", "select_prunable", "register_layer", "PruningNotice", "Sparsifier", "Magnitude", "Random", "METHODS",
-    "OneShot", "Constant", "Geometric", "Cubic", "build_schedule",
+    "OneShot", "Constant", "Geometric", "Cubic",
     "allocate", "check_sparsity", "erk_densities", "keep_count", "prune",
     "SecateursError", "ConfigError", "UnknownNameError", "SparsityMismatchError",
     "DataError", "CheckpointError", "NonFiniteLossError",

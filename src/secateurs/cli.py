@@ -229,15 +229,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from .allocation import SCOPES
     from .data import DATASETS
     from .methods import METHODS
     from .models import MODELS
-    from .schedules import SCHEDULES
+    from .regrowth import REGROWTH
+    from .vocabulary import RESETS, SCOPES, SUBSETS
 
     from .experiments.sweep import _accepted_params
 
-    for title, registry in (("methods", METHODS), ("models", MODELS), ("datasets", DATASETS)):
+    # every table here is one a config (or a command's flag) chooses from, named by its key
+    for title, registry in (("methods (prune.method)", METHODS), ("models (model.name)", MODELS),
+                            ("datasets (data.dataset)", DATASETS)):
         print(f"{title}:")
         for entry in registry:
             print(f"  {entry.name:<16} {entry.description}")
@@ -250,16 +252,25 @@ def cmd_list(args: argparse.Namespace) -> int:
                       else f"  {'':<16} prunes at initialisation")
                 if params:
                     print(f"  {'':<16} prune.params: {params}")
-    print(f"scopes:\n  {', '.join(SCOPES)}")
-    print(f"schedules:\n  {', '.join(SCHEDULES)}")
+    takes_regrowth = [e.name for e in METHODS if "regrowth" in _accepted_params(e.obj)]
+    print(f"regrowth rules (prune.params.regrowth of {', '.join(takes_regrowth)}):")
+    for entry in REGROWTH:
+        print(f"  {entry.name:<16} {entry.description}")
+    for vocab, keys in ((SCOPES, "prune.scope, lottery.scope, lottery.supermask.scope, structured.scope"),
+                        (RESETS, "prune.reset, lottery.reset")):
+        print(f"{vocab.kind}s ({keys}):")
+        for name, meaning in vocab.meanings.items():
+            print(f"  {name:<16} {meaning}")
+    print("where only some apply:")
+    for subset in SUBSETS:
+        print(f"  {subset.procedure}: {', '.join(subset.names)}")
+        print(f"  {'':<4}{subset.why}")
     from .criteria import CRITERIA
-    from .experiments.lottery import LOTTERY_RESETS
     from .resets import KEPT_INITS
     from .experiments.structured import IMPORTANCES
 
     print(f"lottery mask criteria (lottery.criterion):\n  {', '.join(CRITERIA.names())}")
     print(f"kept-weight inits (lottery.init, lottery.controls):\n  {', '.join(KEPT_INITS.names())}")
-    print(f"lottery resets (lottery.reset):\n  {', '.join(LOTTERY_RESETS)}")
     print(f"channel importance (structured.importance):\n  {', '.join(IMPORTANCES)}")
     from .experiments.growth import ARMS
 

@@ -226,21 +226,3 @@ def parse_duration(
         raise ConfigError(f"{what} must not be negative, got {value!r}")
     return steps
 
-
-SCHEDULES: dict[str, type] = {"one_shot": OneShot, "constant": Constant, "geometric": Geometric, "cubic": Cubic}
-
-
-def build_schedule(name: str, **params) -> Schedule:
-    """A schedule from its config name and fields; unknown names / fields list the known ones."""
-    from dataclasses import fields
-
-    from .errors import UnknownNameError
-
-    if name not in SCHEDULES:
-        raise UnknownNameError(f"unknown schedule {name!r}; known schedules: {', '.join(SCHEDULES)}")
-    cls = SCHEDULES[name]
-    known = [f.name for f in fields(cls)]
-    unknown = sorted(set(params) - set(known))
-    if unknown:
-        raise ConfigError(f"schedule {name!r} has no field(s) {unknown}; its fields are: {', '.join(known)}")
-    return cls(**params)

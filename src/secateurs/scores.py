@@ -17,7 +17,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .errors import ConfigError, SecateursError
 from .masks import unwrap_model
 from .outputs import LossFn, call_model, logits_of, model_failure, split_batch, task_loss
-from .registry import Registry
 
 
 class Score(Protocol):
@@ -26,16 +25,11 @@ class Score(Protocol):
     ) -> dict[str, torch.Tensor]: ...
 
 
-SCORES: Registry[Callable] = Registry("score")
-
-
-@SCORES.register("magnitude")
 def magnitude(weights: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """|w| (Han et al. 2015; Frankle & Carbin 2019): small weights matter least."""
     return {n: w.detach().abs() for n, w in weights.items()}
 
 
-@SCORES.register("random")
 def random(weights: Mapping[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Uniform noise: the control every criterion must beat (drawn on CPU, so identical on any
     device for a given generator state)."""

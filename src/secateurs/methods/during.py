@@ -17,7 +17,7 @@ Durations (``start``, ``end``, ``every``) read as steps (``1000`` / ``"1000it"``
 from __future__ import annotations
 
 from ..errors import ConfigError
-from ..regrowth import CosineRegrowth, GradientRegrowth, RandomRegrowth
+from ..regrowth import REGROWTH, CosineRegrowth, GradientRegrowth, RandomRegrowth
 from ..schedules import Constant, CosineDropFraction, Cubic, parse_duration
 from ..scores import magnitude
 from .base import Sparsifier
@@ -41,6 +41,16 @@ class _DuringTraining(Sparsifier):
                 f"<= {self.total_steps} or a share of training such as '75%'"
             )
         return steps
+
+    def _rule(self, regrowth: str | None, default: type):
+        """The regrowth rule named by ``regrowth`` (``prune.params.regrowth``: a name of
+        :data:`secateurs.regrowth.REGROWTH`), or the method's own."""
+        if regrowth is None:
+            return default()
+        if not isinstance(regrowth, str):
+            raise ConfigError(f"{type(self).__name__} regrowth must be a rule name ({', '.join(REGROWTH.names())}), "
+                              f"got {regrowth!r}")
+        return REGROWTH.get(regrowth)()
 
     def _length(self, total_steps: int, steps_per_epoch: int | None) -> None:
         if not isinstance(total_steps, int) or total_steps < 1:
@@ -73,17 +83,18 @@ def _swap_schedule(self: _DuringTraining, drop_fraction: float, every, end, star
 class _ConstantSparsitySwaps(_DuringTraining):
     """SET and RigL share everything but the regrowth rule: a random ERK mask at the target
     sparsity, then every ``every`` steps until ``end`` a swap of ``drop_fraction``
-    (cosine-decayed to ``drop_fraction_min``) of each layer's smallest-magnitude weights."""
+    (cosine-decayed to ``drop_fraction_min``) of each layer's smallest-magnitude weights,
+    regrown by the class's rule or the one ``regrowth`` names (random, gradient, cosine)."""
 
     rule: type = RandomRegrowth
 
     def __init__(self, model, optimizer=None, *, sparsity: float, total_steps: int, steps_per_epoch: int | None = None,
                  drop_fraction: float = 0.3, drop_fraction_min: float = 0.0, every=100, end="75%",
-                 scope: str = "erk", **kwargs):
+                 scope: str = "erk", regrowth: str | None = None, **kwargs):
         self._length(total_steps, steps_per_epoch)
         super().__init__(
             model, optimizer, score=magnitude, sparsity=sparsity, scope=scope, schedule=Constant(sparsity),
-            initial_sparsity=sparsity, initial_scope=scope, regrowth=self.rule(),
+            initial_sparsity=sparsity, initial_scope=scope, regrowth=self._rule(regrowth, self.rule),
             swap_schedule=_swap_schedule(self, drop_fraction, every, end, minimum=drop_fraction_min), **kwargs,
         )
 
@@ -114,12 +125,13 @@ class GraNet(_DuringTraining):
     and every ``every`` steps until the end of training: per layer, drop ``r`` of the active
     weights by magnitude and regrow as many by dense-gradient magnitude (Eq. 2-3), with ``r``
     cosine-decayed from ``drop_fraction`` = 0.5 to ``drop_fraction_min`` = 0.005 (the paper's
-    code). ``initial_sparsity`` = 0 is dense-to-sparse; 0.5 starts from a random ERK mask
+    code; ``regrowth`` names another rule). ``initial_sparsity`` = 0 is dense-to-sparse; 0.5 starts from a random ERK mask
     (sparse-to-sparse). Regrown weights start at zero: pruned weights keep no history."""
 
     def __init__(self, model, optimizer=None, *, sparsity: float, total_steps: int, steps_per_epoch: int | None = None,
                  initial_sparsity: float = 0.0, initial_scope: str = "erk", start="0it", end="50%", every=100,
-                 drop_fraction: float = 0.5, drop_fraction_min: float = 0.005, scope: str = "global", **kwargs):
+                 drop_fraction: float = 0.5, drop_fraction_min: float = 0.005, scope: str = "global",
+                 regrowth: str | None = None, **kwargs):
         self._length(total_steps, steps_per_epoch)
         if initial_sparsity >= sparsity:
             raise ConfigError(f"GraNet initial_sparsity {initial_sparsity} must be below the final sparsity {sparsity}")
@@ -130,7 +142,8 @@ class GraNet(_DuringTraining):
                                    end=total_steps, minimum=drop_fraction_min)
         super().__init__(
             model, optimizer, score=magnitude, sparsity=sparsity, scope=scope, schedule=schedule,
-            initial_sparsity=initial_sparsity, initial_scope=initial_scope, regrowth=GradientRegrowth(),
+            initial_sparsity=initial_sparsity, initial_scope=initial_scope,
+            regrowth=self._rule(regrowth, GradientRegrowth),
             swap_schedule=swaps, **kwargs,
         )
 
