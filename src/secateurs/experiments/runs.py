@@ -168,6 +168,10 @@ class RunDir:
         atomic_write_text(self.results_path, json.dumps(results, indent=2))
 
 
+#: How :func:`execute` says a run was already finished (the runner counts it as reused).
+REUSED = "reusing finished run"
+
+
 class RunBusyError(ConfigError):
     """The run directory is held by another process (another driver or worker on the same
     run); the runner defers such a unit and waits for it at the end instead of training it twice."""
@@ -190,10 +194,6 @@ def execute(run: RunDir, config, body, *, echo=print, dataset=None, wait: bool =
     if run.results_path.is_file() and run.results().get("complete"):
         run.bind(config)
         echo(f"{REUSED} {run.path}")
-#: How :func:`execute` says a run was already finished (the runner counts it as reused).
-REUSED = "reusing finished run"
-
-
         return run.results()
     dataset = dataset if dataset is not None else load_dataset(config.data.dataset, config.data.root)
     run.bind(config)
