@@ -145,6 +145,12 @@ def test_bad_executor_names(spec, message):
         ex.start("unused")
 
 
+@pytest.mark.parametrize("threads", [0, -2, True])
+def test_bad_thread_counts(threads):
+    with pytest.raises(ConfigError, match="give a positive number of torch threads per unit"):
+        make_executor("local", threads=threads)
+
+
 def test_the_cli_refuses_an_unknown_executor_before_anything_runs(tmp_path, capsys):
     from secateurs.cli import main
 

@@ -116,7 +116,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     overrides = _overrides(args, {"data_root": "base.data.root"})
     comparison = load_comparison(args.config, overrides)
     seeds = tuple(args.seeds) if args.seeds else None
-    summary = run_comparison(comparison, args.runs_dir, seeds=seeds, progress=not args.no_progress, executor=args.executor)
+    summary = run_comparison(comparison, args.runs_dir, seeds=seeds, progress=not args.no_progress, executor=args.executor,
+                             threads=args.threads)
     print(f"\n{comparison.name}" + ("" if summary["complete"] else f" — INCOMPLETE, missing: {', '.join(summary['missing'])}"))
     print((Path(summary["dir"]) / "comparison.md").read_text())
     print(f"wrote {summary['dir']}/comparison.json, comparison.csv, comparison.md, accuracy_vs_sparsity.png")
@@ -139,7 +140,7 @@ def cmd_lottery(args: argparse.Namespace) -> int:
     config = load_lottery_config(args.config, overrides)
     seeds = args.seeds if args.seeds else config_seeds(args.config)
     summary = run_lottery_seeds(config, seeds, args.runs_dir, args.out, progress=not args.no_progress,
-                                executor=args.executor)
+                                executor=args.executor, threads=args.threads)
     state = "" if summary["complete"] else f" — INCOMPLETE, missing: {', '.join(summary['missing'][:6])}"
     print(f"\n{config.name}{state}")
     print(format_lottery(summary))
@@ -301,6 +302,10 @@ def _executor_option(parser: argparse.ArgumentParser) -> None:
         help="where the runs go: local (one after another, here), processes:N (N processes on this machine), "
              "ray (a local Ray instance) or ray:HOST:PORT (a Ray cluster; --runs-dir must be on storage every node "
              "sees; pip install 'secateurs[ray]'). Default: local")
+    parser.add_argument(
+        "--threads", type=int, metavar="N",
+        help="torch threads per run (default: the executor's share of the cores: all for local, cores/N for "
+             "processes:N, 1 per Ray CPU). Results are bit-identical across executors given the same threads")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -99,6 +99,7 @@ def run_comparison(
     progress: bool = True,
     echo: Callable[[str], None] = print,
     executor="local",
+    threads: int | None = None,
 ) -> dict:
     """Run (or reuse) every run on ``executor`` (see :mod:`.runner`), then aggregate into
     ``<runs_dir>/<name>-<hash>-comparison/``. A run that diverges or fails is listed (with its
@@ -116,7 +117,7 @@ def run_comparison(
         METHODS.get(unit.config.prune.method)
         MODELS.get(unit.config.model.name)
         check_sweep(unit.config, dense_only=unit.kwargs["dense_only"])
-    outcomes = run_units(units, runs_dir, executor, progress=progress, echo=echo)
+    outcomes = run_units(units, runs_dir, executor, progress=progress, echo=echo, threads=threads)
     summary = aggregate(comparison, runs_dir)
     summary["diverged"] = [o.key for o in outcomes if o.status == "diverged"]
     summary["failed"] = failures(outcomes)

@@ -435,14 +435,14 @@ def seed_config(config: LotteryConfig, seed: int) -> LotteryConfig:
 
 def run_lottery_seeds(
     config: LotteryConfig, seeds: Sequence[int], runs_dir: str | Path, out_dir: str | Path | None = None,
-    *, progress: bool = True, echo: Callable[[str], None] = print, executor="local",
+    *, progress: bool = True, echo: Callable[[str], None] = print, executor="local", threads: int | None = None,
 ) -> dict:
     """Run every seed (a unit each, resumable on its own) on ``executor``, then aggregate what
     finished; seeds that failed are listed under ``failed``."""
     from .runner import Unit, failures, run_units
 
     units = [Unit(f"seed {seed}", seed_config(config, seed), run_lottery) for seed in seeds]
-    outcomes = run_units(units, runs_dir, executor, progress=progress, echo=echo)
+    outcomes = run_units(units, runs_dir, executor, progress=progress, echo=echo, threads=threads)
     summary = aggregate_lottery(config, seeds, runs_dir, out_dir)
     summary["failed"] = failures(outcomes)
     return summary

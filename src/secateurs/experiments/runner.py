@@ -45,8 +45,10 @@ class Unit:
     named by ``config``'s hash. ``fn`` must be a module-level function (workers import it).
 
     ``threads``: the torch intra-op threads the unit runs with under every executor (``None``:
-    the executor's share of the machine). Float reductions can depend on the thread count, so
-    units that must match bit for bit across executors should fix it."""
+    the runner's ``threads``, else the executor's share of the machine: all of it for
+    ``local``, cores / N for ``processes:N``, ``cpus`` under Ray). A unit's result is
+    deterministic for a given thread count, but float reductions (convolutions) can differ
+    between thread counts: to compare executors bit for bit, give them the same threads."""
 
     key: str
     config: Any
@@ -137,12 +139,12 @@ class LocalExecutor(Executor):
 
     name = "local"
 
-    def __init__(self, echo: Callable[[str], None] = print):
-        self.echo = echo
+    def __init__(self, echo: Callable[[str], None] = print, threads: int | None = None):
+        self.echo, self.threads = echo, threads
 
     def map(self, units, runs_dir, progress, wait):
         for unit in units:
-            yield run_unit(unit, runs_dir, progress, wait, echo=self.echo)
+            yield run_unit(unit, runs_dir, progress, wait, self.threads, echo=self.echo)
 
 
 def _share(workers: int) -> int:
@@ -155,10 +157,10 @@ class ProcessExecutor(Executor):
     running are resubmitted to a new pool, up to ``retries`` times, and resume from their
     checkpoints."""
 
-    def __init__(self, workers: int, retries: int = 2):
+    def __init__(self, workers: int, retries: int = 2, threads: int | None = None):
         if workers < 1:
             raise ConfigError(f"--executor processes:{workers}: the pool needs at least 1 process")
-        self.workers, self.retries = workers, retries
+        self.workers, self.retries, self.threads = workers, retries, threads
         self.name = f"processes:{workers}"
 
     def map(self, units, runs_dir, progress, wait):
@@ -171,7 +173,8 @@ class ProcessExecutor(Executor):
         while pending:
             # spawn, not fork: a forked torch (threads, OpenMP state) can deadlock
             with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = {pool.submit(run_unit, u, runs_dir, False, wait, _share(self.workers)): u for u in pending}
+                threads = self.threads or _share(self.workers)
+                futures = {pool.submit(run_unit, u, runs_dir, False, wait, threads): u for u in pending}
                 broken: list[Unit] = []
                 for future in as_completed(futures):
                     try:
@@ -197,8 +200,10 @@ class RayExecutor(Executor):
     directory must be on storage every node sees (checked before anything starts). Ray is an
     optional extra: ``pip install 'secateurs[ray]'``."""
 
-    def __init__(self, address: str | None = None, retries: int = 3, connect_timeout: float = 3.0):
+    def __init__(self, address: str | None = None, retries: int = 3, connect_timeout: float = 3.0,
+                 threads: int | None = None):
         self.address, self.retries, self.connect_timeout = address, retries, connect_timeout
+        self.threads = threads
         self.name = "ray" if address is None else f"ray:{address}"
         self._started = False
 
@@ -226,7 +231,7 @@ class RayExecutor(Executor):
         for unit in units:
             task = remote.options(num_cpus=unit.cpus, num_gpus=unit.gpus, max_retries=self.retries,
                                   retry_exceptions=False, name=f"secateurs:{unit.key}")
-            refs[task.remote(unit, runs_dir, False, wait, unit.cpus)] = unit
+            refs[task.remote(unit, runs_dir, False, wait, self.threads or unit.cpus)] = unit
         remaining = list(refs)
         while remaining:
             done, remaining = ray.wait(remaining, num_returns=1)
@@ -298,25 +303,28 @@ def _ray_probe(path: str) -> dict[str, bool]:
 EXECUTORS = ("local", "processes:N", "ray", "ray:ADDRESS")
 
 
-def make_executor(spec: str, echo: Callable[[str], None] = print) -> Executor:
+def make_executor(spec: str, echo: Callable[[str], None] = print, threads: int | None = None) -> Executor:
     """``local``, ``processes:N``, ``ray`` (a Ray instance started for this run, or the one
-    ``RAY_ADDRESS`` names) or ``ray:HOST:PORT`` (join that cluster)."""
+    ``RAY_ADDRESS`` names) or ``ray:HOST:PORT`` (join that cluster); ``threads``: torch threads
+    per unit (default: the executor's share of the machine)."""
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ConfigError(f"--threads {threads!r}: give a positive number of torch threads per unit")
     name, _, arg = spec.partition(":")
     if name == "local" and not arg:
-        return LocalExecutor(echo)
+        return LocalExecutor(echo, threads)
     if name == "processes":
         if not arg.isdigit() or int(arg) < 1:
             raise ConfigError(f"--executor {spec}: give the number of processes, e.g. processes:2")
-        return ProcessExecutor(int(arg))
+        return ProcessExecutor(int(arg), threads=threads)
     if name == "ray":
-        return RayExecutor(arg or None)
+        return RayExecutor(arg or None, threads=threads)
     raise ConfigError(f"unknown --executor {spec!r}; known: {', '.join(EXECUTORS)}")
 
 
 # -- the runner ------------------------------------------------------------------------------------
 def run_units(
     units: Sequence[Unit], runs_dir: str | Path, executor: str | Executor = "local", *,
-    progress: bool = True, echo: Callable[[str], None] = print,
+    progress: bool = True, echo: Callable[[str], None] = print, threads: int | None = None,
 ) -> list[Outcome]:
     """Run every unit that is not finished yet on ``executor``; returns one outcome per unit,
     in the units' order. See the module docstring for what is shared by every procedure."""
@@ -337,7 +345,7 @@ def run_units(
         if path in paths:
             raise ConfigError(f"units {paths[path]!r} and {unit.key!r} have the same config (run directory {path})")
         paths[path] = unit.key
-    ex = make_executor(executor, echo) if isinstance(executor, str) else executor
+    ex = make_executor(executor, echo, threads) if isinstance(executor, str) else executor
     outcomes: dict[str, Outcome] = {}
     todo = []
     for unit in units:  # skip-if-done without submitting anything
