@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import statistics
 from typing import Sequence
 
 COLUMNS = ("target_sparsity", "sparsity", "acc_before_finetune", "test_acc")
@@ -56,3 +57,13 @@ def health_cell(row: dict) -> str:
     if "health" not in row:
         return ""
     return row["health"] or "ok"
+
+
+def mean_std(values: Sequence[float | None]) -> dict:
+    """Mean, sample standard deviation and count over seeds, the one summary every aggregated
+    table uses; missing values (None) are left out, and no values give ``mean``/``std`` None."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+from ..analysis.report import mean_std
 from ..errors import ConfigError
 from ..typed_config import from_dict
 from .config import ExperimentConfig, aggregate_dir, apply_overrides, load_typed, with_model_defaults
@@ -146,7 +147,7 @@ def aggregate(comparison: ComparisonConfig, runs_dir: str | Path) -> dict:
         flops = [r.get("flops") or {} for r in rows]
         table.append({
             "method": label, "target_sparsity": target, "seeds": [r["seed"] for r in rows],
-            "test_acc_mean": statistics.fmean(accs), "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "test_acc_mean": mean_std(accs)["mean"], "test_acc_std": mean_std(accs)["std"],
             "test_acc_median": statistics.median(accs), "test_acc_min": min(accs), "test_acc_max": max(accs),
             "sparsity": statistics.fmean(r["sparsity"] for r in rows),
             "inference_flops": _mean([f.get("inference") for f in flops]),

@@ -32,6 +32,7 @@ from ..models import MLP, count_parameters
 from ..train import Trainer, load_checkpoint, save_checkpoint
 from .config import DataConfig, HashedConfig, PhaseConfig, load_typed
 from .runs import RunDir, atomic_write_text, execute
+from ..analysis.report import mean_std
 
 __all__ = ["GrowthSettings", "GrowthConfig", "load_growth_config", "run_growth", "format_growth", "ARMS"]
 
@@ -184,12 +185,6 @@ class _Growth:
         atomic_write_text(self.run_dir.path / "growth.md", format_growth(out))
 
 
-def _stats(values: Sequence[float]) -> dict:
-    values = [v for v in values if v is not None]
-    return {"mean": statistics.fmean(values) if values else None,
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
-
-
 def summarize(rows: Sequence[dict]) -> list[dict]:
     """Mean and std over seeds per arm: final accuracy and loss, and the new units' gradient
     norm at the first growth event (what GradMax maximises)."""
@@ -200,8 +195,8 @@ def summarize(rows: Sequence[dict]) -> list[dict]:
         first = [r["growth"][0]["grad_norm"] for r in mine if r["growth"] and "grad_norm" in r["growth"][0]]
         out.append({
             "arm": arm, "seeds": len(mine), "parameters": mine[0]["parameters"], "widths": mine[0]["widths"],
-            "test_acc": _stats([r["test_acc"] for r in mine]), "train_loss": _stats([r["train_loss"] for r in mine]),
-            "first_growth_grad_norm": _stats(first),
+            "test_acc": mean_std([r["test_acc"] for r in mine]), "train_loss": mean_std([r["train_loss"] for r in mine]),
+            "first_growth_grad_norm": mean_std(first),
         })
     return out
 

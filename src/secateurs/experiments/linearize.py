@@ -46,6 +46,7 @@ from ..train.config import OptimizerConfig
 from .config import DataConfig, HashedConfig, ModelConfig, PhaseConfig, load_typed, with_model_defaults
 from .runs import RunDir, atomic_write_text, execute
 from .sweep import _Data, phase_trainer, build_model
+from ..analysis.report import mean_std
 
 __all__ = [
     "SNLSettings", "LinearizeConfig", "load_linearize_config", "run_linearize", "format_linearize",
@@ -323,11 +324,6 @@ def format_linearize(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _stats(values: Sequence[float]) -> dict:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
-
-
 def aggregate(results: Sequence[dict]) -> dict:
     """Mean and sample std over seeds (one finished results dict per seed) of the dense
     accuracy and, per budget, the accuracies and the drop; kept ReLUs per layer as means."""
@@ -346,14 +342,14 @@ def aggregate(results: Sequence[dict]) -> dict:
         levels.append({
             "phase": row["phase"], "budget_fraction": row["budget_fraction"], "relus_kept": row["relus_kept"],
             "relus_total": row["relus_total"],
-            **{k: _stats([x[k] for x in rows]) for k in ("acc_soft", "acc_before_finetune", "test_acc", "drop_pt")},
+            **{k: mean_std([x[k] for x in rows]) for k in ("acc_soft", "acc_before_finetune", "test_acc", "drop_pt")},
             "layers": {n: statistics.fmean(x["layers"][n] for x in rows) for n in row["layers"]},
             "reached_budget": sum(x["snl"]["reached_budget"] for x in rows),
-            "snl_steps": _stats([x["snl"]["steps"] for x in rows]),
+            "snl_steps": mean_std([x["snl"]["steps"] for x in rows]),
         })
     return {"model": first["model"], "dataset": first["dataset"], "seeds": [r["seed"] for r in results],
             "dense": {"relus": first["dense"]["relus"], "layers": first["dense"]["layers"],
-                      "test_acc": _stats([r["dense"]["test_acc"] for r in results])},
+                      "test_acc": mean_std([r["dense"]["test_acc"] for r in results])},
             "levels": levels}
 
 

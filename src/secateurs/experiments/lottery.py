@@ -53,6 +53,7 @@ from .config import (DataConfig, HashedConfig, ModelConfig, PhaseConfig, aggrega
                      with_model_defaults)
 from .runs import RunDir, atomic_write_text, execute
 from .sweep import _Data, build_model
+from ..analysis.report import mean_std
 
 PROCEDURES = ("imp", "colt")
 SPLITS = ("classes", "random")
@@ -451,15 +452,6 @@ def run_lottery_seeds(
 _METRICS = ("test_acc", "early_stop_test_acc", "early_stop_step", "learning_distance")
 
 
-def _stats(values: Sequence[float]) -> dict:
-    import statistics
-
-    values = [v for v in values if v is not None]
-    if not values:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
-
-
 def aggregate_lottery(
     config: LotteryConfig, seeds: Sequence[int], runs_dir: str | Path, out_dir: str | Path | None = None
 ) -> dict:
@@ -478,19 +470,19 @@ def aggregate_lottery(
         records = [rec for res in per_seed.values() for rec in res.get("rounds", []) if rec["round"] == r]
         if not records:
             continue
-        row: dict[str, Any] = {"round": r, "seeds": len(records), "remaining": _stats([x["remaining"] for x in records])["mean"]}
+        row: dict[str, Any] = {"round": r, "seeds": len(records), "remaining": mean_std([x["remaining"] for x in records])["mean"]}
         networks = {"ticket": [x["ticket"] for x in records]}
         for control in config.lottery.controls:
             networks[control] = [x["controls"][control] for x in records if control in x.get("controls", {})]
         for label, nets in networks.items():
             if nets:
-                row[label] = {m: _stats([n.get(m) for n in nets]) for m in _METRICS}
+                row[label] = {m: mean_std([n.get(m) for n in nets]) for m in _METRICS}
         rows.append(row)
     supermask: dict[tuple, list] = {}
     for res in per_seed.values():
         for x in res.get("supermask", []):
             supermask.setdefault((x["criterion"], x["sparsity"], x["init"]), []).append(x["test_acc"])
-    supermask_rows = [{"criterion": c, "sparsity": s, "init": i, "test_acc": _stats(v)} for (c, s, i), v in supermask.items()]
+    supermask_rows = [{"criterion": c, "sparsity": s, "init": i, "test_acc": mean_std(v)} for (c, s, i), v in supermask.items()]
     summary = {"name": config.name, "seeds": list(seeds), "complete": not missing, "missing": missing,
                "rounds": rows, "supermask": supermask_rows}
     out.mkdir(parents=True, exist_ok=True)
