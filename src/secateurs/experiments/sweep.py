@@ -94,14 +94,12 @@ def phase_trainer(data: _Data, run: RunDir, config, model, name: str, phase: Pha
     """A Trainer for one named phase of a run, checkpointed every epoch to
     ``checkpoints/<name>.pt``, its epoch records appended to the run's log. Its data order and
     training seed are ``derive_seed(config.seed, procedure, name)``: the procedure (e.g.
-    ``"structured"``) and the phase's name. ``index`` is the old offset (``config.seed * 1000 +
-    index``), kept only for a caller that names no ``procedure`` yet."""
-    if procedure is not None:
-        seed = derive_seed(config.seed, procedure, name)
-    elif index is not None:
-        seed = config.seed * 1000 + index  # legacy stream of a caller not yet given a procedure
-    else:
-        raise ConfigError("phase_trainer needs the procedure (procedure='...') that names the phase's seed")
+    ``"structured"``) and the phase's name. ``index`` is what was once the seed offset
+    (``config.seed * 1000 + index``) and must now be None."""
+    if procedure is None or index is not None:
+        raise ConfigError("phase_trainer seeds a phase by derive_seed(seed, procedure, name): pass procedure='...' "
+                          f"and index=None (got procedure={procedure!r}, index={index!r})")
+    seed = derive_seed(config.seed, procedure, name)
     cfg = _train_config(phase, config, seed)
     log = lambda record: run.log({"phase": name, **record})  # noqa: E731
     return Trainer(model, data.train(cfg.seed), cfg, eval_data=data.test, val_data=data.val,
