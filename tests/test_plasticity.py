@@ -52,13 +52,18 @@ def test_plasticity_grid_uses_the_learning_rate_of_the_moment_and_resumes(tmp_pa
     out = Path(result["dir"])
     assert out.parent == tmp_path / "runs" and out.name.startswith("pl-") and out.name.endswith("-plasticity")
     assert (out / "plasticity.png").stat().st_size > 1000
-    # resume: a finished study recomputes nothing
-    data = json.loads((out / "plasticity.json").read_text())
-    data["cells"] = data["cells"][:5]
-    (out / "plasticity.json").write_text(json.dumps(data))
+    # resume: every cell is a unit with its own run directory; a finished one is reused, a
+    # missing one recomputed (to the same numbers)
+    from secateurs.experiments.plasticity import cells as grid
+    from secateurs.experiments.runs import RunDir
+
+    lost = [RunDir.for_config(c, tmp_path / "runs").results_path for c in grid(study)[5:]]
+    for path in lost:
+        path.unlink()
     messages = []
     again = run_plasticity(study, tmp_path / "runs", progress=False, echo=messages.append)
-    assert len(messages) == 3 and len(again["cells"]) == 8
+    assert sum(": finished in " in m for m in messages) == 3 and len(again["cells"]) == 8
+    assert again["cells"] == cells
     assert main(["plasticity", "--config", str(write(tmp_path)), "--runs-dir", str(tmp_path / "runs"), "--no-progress"]) == 0
     assert "without / with regeneration" in capsys.readouterr().out
     # a changed setting is a new study in its own directory, never the old cells (issue 16's

@@ -191,12 +191,14 @@ def cmd_plasticity(args: argparse.Namespace) -> int:
 
     overrides = _overrides(args, {"data_root": "base.data.root"})
     study = load_plasticity(args.config, overrides)
-    result = run_plasticity(study, args.runs_dir, progress=not args.no_progress)
+    result = run_plasticity(study, args.runs_dir, progress=not args.no_progress, executor=args.executor,
+                            threads=args.threads)
+    state = "" if not result["missing"] else f" — INCOMPLETE, missing: {', '.join(result['missing'][:6])}"
     print(f"\n{study.name}: accuracy change (pt) after pruning and {study.continue_epochs} epoch(s) of "
-          "continued training, without / with regeneration")
+          f"continued training, without / with regeneration{state}")
     print(format_plasticity(result["cells"]))
     print(f"wrote {result['dir']}/plasticity.json, plasticity.csv, plasticity.png")
-    return 0
+    return _report_failures(result["failed"])
 
 
 def _report(run, print_table: bool) -> None:
@@ -366,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     plast.add_argument("--data-root", help="dataset directory / file (overrides base.data.root)")
     plast.add_argument("--runs-dir", default="runs", help="where run directories are created (default: runs)")
     plast.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _executor_option(plast)
     plast.set_defaults(func=cmd_plasticity)
 
     one = sub.add_parser("oneshot", help="prune a local Hugging Face causal LM with magnitude / Wanda / SparseGPT; perplexity before and after")

@@ -8,8 +8,11 @@ it had at ``t`` (``acc_continue``). Plasticity is ``acc_continue - acc_pre``. Wi
 ``regeneration`` the continued training also swaps connections by gradient (GraNet's
 zero-cost neuroregeneration, constant sparsity); without, the mask is frozen.
 
-Every cell is recorded in ``plasticity.json`` as soon as it finishes, and the dense run keeps
-a checkpoint per requested epoch, so an interrupted study resumes where it stopped.
+The study is a procedure of units (:mod:`.runner`): the dense run, which keeps a checkpoint at
+the end of every epoch, then one unit per cell, each in its own run directory named by the hash
+of everything that decides its result (:class:`PlasticityCell`). So an interrupted study
+resumes where it stopped, a changed setting never reuses another study's cells, and the cells
+can run in parallel (``--executor processes:N`` or ``ray``).
 """
 from __future__ import annotations
 
@@ -22,8 +25,8 @@ from typing import Any, Callable
 from ..errors import ConfigError
 from ..seeding import derive_seed
 from ..typed_config import from_dict
-from .config import ExperimentConfig, aggregate_dir, load_typed, with_model_defaults
-from .runs import RunDir, atomic_write_text
+from .config import ExperimentConfig, HashedConfig, aggregate_dir, load_typed, with_model_defaults
+from .runs import RunDir, atomic_write_text, execute
 
 
 @dataclass(frozen=True)
@@ -72,86 +75,154 @@ def load_plasticity(path: str | Path, overrides: dict[str, Any] | None = None) -
     return load_typed(PlasticityConfig, path, overrides, "plasticity config")
 
 
+@dataclass(frozen=True)
+class PlasticityCell(HashedConfig):
+    """One cell of the grid, a unit with its own run directory: the dense run it starts from,
+    when (``epoch``) and how much (``ratio``) it prunes, and how it continues. Every setting
+    that changes the cell's result is here, so a changed study never reuses another's cell."""
+
+    name: str = "plasticity-cell"
+    dense: ExperimentConfig = field(default_factory=ExperimentConfig)
+    epoch: int = 1
+    ratio: float = 0.5
+    regeneration: bool = False
+    continue_epochs: int = 1
+    schedule: RegenerationConfig = field(default_factory=RegenerationConfig)
+
+
+def cells(study: PlasticityConfig) -> list[PlasticityCell]:
+    config = study.experiment()
+    # a cell without regeneration does not read its schedule: the default keeps its hash (and
+    # its result) shared by studies that differ only in the regeneration settings
+    schedule_of = lambda regen: study.regeneration if regen else RegenerationConfig()  # noqa: E731
+    return [PlasticityCell(name=f"{study.name}-t{t}-p{ratio:g}{'-regen' if regen else ''}", dense=config, epoch=t,
+                           ratio=ratio, regeneration=regen, continue_epochs=study.continue_epochs,
+                           schedule=schedule_of(regen))
+            for t in sorted(set(study.prune_epochs)) for ratio in study.ratios for regen in (False, True)]
+
+
 def run_plasticity(
     study: PlasticityConfig,
     runs_dir: str | Path,
     *,
     progress: bool = True,
     echo: Callable[[str], None] = print,
-    dataset=None,
+    executor="local",
+    threads: int | None = None,
 ) -> dict:
-    """Run (or resume) the study; returns ``{"cells": [...], "dir": ...}``."""
-    from ..data import load_dataset
+    """Run (or resume) the study on ``executor``: the dense run first (one unit, keeping a
+    checkpoint at every epoch), then every cell (a unit each); returns ``{"cells": [...],
+    "dir": ..., "missing": [...], "failed": [...]}``."""
     from ..models import MODELS
-    from ..train import Trainer, load_checkpoint, save_checkpoint
-    from .sweep import _Data, _train_config, build_model
+    from .runner import Unit, failures, run_units
 
     config = study.experiment()
     MODELS.get(config.model.name)
-    dataset = dataset if dataset is not None else load_dataset(config.data.dataset, config.data.root)
-    run = RunDir.for_config(config, runs_dir)
-    run.bind(config)
+    grid = cells(study)
+    _check_regeneration(study, config)
+    dense = run_units([Unit("dense", config, run_dense)], runs_dir, executor, progress=progress, echo=echo,
+                      threads=threads)
+    if not dense[0].ok:
+        raise ConfigError(f"the dense run of {study.name} did not finish: {dense[0].error}")
+    outcomes = run_units([Unit(c.name, c, run_cell) for c in grid], runs_dir, executor, progress=progress, echo=echo,
+                         threads=threads)
     out_dir = aggregate_dir(runs_dir, study, "plasticity")
+    done, missing = [], []
+    for cell in grid:
+        results = RunDir.for_config(cell, runs_dir).results()
+        (done.append(results["cell"]) if results.get("complete") else missing.append(cell.name))
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = _Data(config, dataset)
+    _write(out_dir, study, done)
+    return {"cells": sorted(done, key=_key), "dir": str(out_dir), "missing": missing, "failed": failures(outcomes)}
 
-    with run.lock():
-        # -- the dense run, keeping a checkpoint at every requested epoch -------------------
-        wanted = sorted(set(study.prune_epochs))
-        snapshots = {t: run.checkpoint(f"epoch-{t}") for t in wanted}
-        if not all(p.is_file() for p in snapshots.values()):
-            model = build_model(config, dataset)
-            dense_seed = derive_seed(config.seed, "plasticity", "dense")
 
-            def snapshot(record: dict) -> None:
-                if record["epoch"] in snapshots:
-                    save_checkpoint(snapshots[record["epoch"]], trainer.state_dict())
+def _key(c: dict) -> tuple:
+    return c["epoch"], c["ratio"], c["regeneration"]
 
-            trainer = Trainer(
-                model, data.train(dense_seed), _train_config(config.train, config, dense_seed),
-                eval_data=data.test, checkpoint_path=run.checkpoint("dense"), progress=progress,
-                progress_desc="dense", callbacks=[snapshot],
+
+def _check_regeneration(study: PlasticityConfig, config: ExperimentConfig) -> None:
+    """Regeneration must swap at least once during the continued training (checked before
+    the dense run, which needs only the training set's size)."""
+    from .runner import cached_dataset
+    from .sweep import _Data
+
+    total = len(_Data(config, cached_dataset(config.data.dataset, config.data.root)).train(0)) * study.continue_epochs
+    if study.regeneration.every >= total:
+        raise ConfigError(
+            f"regeneration.every={study.regeneration.every} is not shorter than the continued training ({total} steps); "
+            "lower it or raise continue_epochs"
+        )
+
+
+def run_dense(config: ExperimentConfig, run: RunDir, *, progress: bool, echo, wait: bool = False, dataset=None) -> dict:
+    """The dense network, trained for ``train.epochs`` with a checkpoint kept at the end of every
+    epoch (``checkpoints/epoch-T.pt``), which the cells start from."""
+    from ..train import Trainer, save_checkpoint
+    from .sweep import _Data, _train_config, build_model
+
+    def body(dataset) -> dict:
+        data = _Data(config, dataset)
+        model = build_model(config, dataset)
+        snapshot = lambda record: save_checkpoint(run.checkpoint(f"epoch-{record['epoch']}"), trainer.state_dict())  # noqa: E731
+        seed = derive_seed(config.seed, "plasticity", "dense")
+        trainer = Trainer(model, data.train(seed), _train_config(config.train, config, seed), eval_data=data.test,
+                          checkpoint_path=run.checkpoint("dense"), progress=progress, progress_desc="dense",
+                          callbacks=[snapshot])
+        if trainer.resume():
+            echo(f"resumed dense training at epoch {trainer.state.epoch}")
+            if trainer.state.epoch and not run.checkpoint(f"epoch-{trainer.state.epoch}").is_file():
+                save_checkpoint(run.checkpoint(f"epoch-{trainer.state.epoch}"), trainer.state_dict())  # killed in between
+        history = trainer.fit()
+        results = {"complete": True, "test_acc": history[-1]["test_acc"], "epochs": len(history)}
+        run.write_results(results)
+        return results
+
+    return execute(run, config, body, echo=echo, dataset=dataset, wait=wait)
+
+
+def run_cell(cell: PlasticityCell, run: RunDir, *, progress: bool, echo, wait: bool = False, dataset=None) -> dict:
+    """Prune the dense network of epoch ``cell.epoch`` by ``cell.ratio`` and continue at its
+    learning rate; resumable per epoch like any phase."""
+    from ..train import load_checkpoint
+
+    config = cell.dense
+    snapshot = RunDir.for_config(config, run.path.parent).checkpoint(f"epoch-{cell.epoch}")
+
+    def body(dataset) -> dict:
+        from .sweep import _Data
+
+        if not snapshot.is_file():
+            raise ConfigError(
+                f"the dense run has no checkpoint of epoch {cell.epoch} ({snapshot}); it was trained before every "
+                f"epoch was kept. Delete {snapshot.parent.parent} and re-run to train it again"
             )
-            if trainer.resume():
-                echo(f"resumed dense training at epoch {trainer.state.epoch}")
-                if trainer.state.epoch in snapshots and not snapshots[trainer.state.epoch].is_file():
-                    save_checkpoint(snapshots[trainer.state.epoch], trainer.state_dict())  # killed in between
-            # the learning-rate schedule is the full dense run's; training stops at the last snapshot
-            trainer.cfg = replace(trainer.cfg, epochs=max(wanted))
-            trainer.fit()
+        result = _cell(cell, config, _Data(config, dataset), dataset, load_checkpoint(snapshot), run, progress, echo)
+        results = {"complete": True, "cell": result}
+        run.write_results(results)
+        return results
 
-        # -- the grid ------------------------------------------------------------------------
-        results_path = out_dir / "plasticity.json"
-        done = json.loads(results_path.read_text())["cells"] if results_path.is_file() else []
-        key = lambda c: (c["epoch"], c["ratio"], c["regeneration"])  # noqa: E731
-        finished = {key(c) for c in done}
-        cells = list(done)
-        grid = [(t, p, regen) for t in wanted for p in study.ratios for regen in (False, True)]
-        for i, (t, ratio, regen) in enumerate(grid, start=1):
-            if (t, ratio, regen) in finished:
-                continue
-            echo(f"[{i}/{len(grid)}] epoch {t}, prune {ratio:g}, regeneration {'on' if regen else 'off'}")
-            state = load_checkpoint(snapshots[t])
-            cells.append(_cell(study, config, data, dataset, state, t, ratio, regen, progress))
-            _write(out_dir, study, cells)
-        _write(out_dir, study, cells)
-    return {"cells": cells, "dir": str(out_dir)}
+    if dataset is None:
+        from .runner import cached_dataset
+
+        dataset = cached_dataset(config.data.dataset, config.data.root)
+    return execute(run, cell, body, echo=echo, dataset=dataset, wait=wait)
 
 
-def _cell(study, config, data, dataset, state, epoch, ratio, regen, progress) -> dict:
+def _cell(cell: PlasticityCell, config, data, dataset, state, run: RunDir, progress, echo) -> dict:
     """Prune the epoch-``epoch`` network by ``ratio`` and continue at its learning rate."""
     from ..methods import Sparsifier
     from ..regrowth import GradientRegrowth
     from ..schedules import CosineDropFraction
     from ..scores import magnitude
     from ..train import Trainer, build_optimizer
-    from .sweep import _train_config, build_model
+    from .sweep import _read_json, _train_config, build_model
 
+    epoch, ratio, regen = cell.epoch, cell.ratio, cell.regeneration
     model = build_model(config, dataset)
     model.load_state_dict(state["model"])
     lr = float(state["optimizer"]["param_groups"][0]["lr"])
     optimizer_cfg = replace(config.train.optimizer, lr=lr)
-    phase = replace(config.train, epochs=study.continue_epochs, optimizer=optimizer_cfg,
+    phase = replace(config.train, epochs=cell.continue_epochs, optimizer=optimizer_cfg,
                     lr_schedule=replace(config.train.lr_schedule, name="constant", milestones=(), warmup_epochs=0.0))
     model.to(data.device)
     optimizer = build_optimizer(model, optimizer_cfg)
@@ -162,15 +233,10 @@ def _cell(study, config, data, dataset, state, epoch, ratio, regen, progress) ->
     # every cell continued from epoch t sees the same batches (the cells differ only by ratio / regeneration)
     seed = derive_seed(config.seed, "plasticity", "epoch", epoch)
     train_data = data.train(seed)
-    total = len(train_data) * study.continue_epochs
+    total = len(train_data) * cell.continue_epochs
     regeneration = None
     if regen:
-        r = study.regeneration
-        if r.every >= total:
-            raise ConfigError(
-                f"regeneration.every={r.every} is not shorter than the continued training ({total} steps); "
-                "lower it or raise continue_epochs"
-            )
+        r = cell.schedule
         regeneration = CosineDropFraction(initial=r.drop_fraction, every=r.every, end=total, minimum=r.drop_fraction_min)
     sparsifier = Sparsifier(
         model, optimizer, score=magnitude, sparsity=ratio, scope="global",
@@ -178,12 +244,19 @@ def _cell(study, config, data, dataset, state, epoch, ratio, regen, progress) ->
     )
     # unless the config says otherwise, a network that never recovers from a prune is what plasticity measures
     cfg = _train_config(phase, config, seed, health="mark")
-    trainer = Trainer(model, train_data, cfg, optimizer=optimizer,
-                      sparsifier=sparsifier, eval_data=data.test, progress=progress,
+    trainer = Trainer(model, train_data, cfg, optimizer=optimizer, sparsifier=sparsifier, eval_data=data.test,
+                      checkpoint_path=run.checkpoint("continue"), progress=progress,
                       progress_desc=f"t={epoch} p={ratio:g}{' +regen' if regen else ''}")
-    acc_pre = trainer.evaluate(data.test)["acc"]
-    sparsifier.prune(ratio)
-    acc_pruned = trainer.evaluate(data.test)["acc"]
+    pending = run.path / ".pruned.json"
+    if trainer.resume():
+        echo(f"resumed {cell.name} at epoch {trainer.state.epoch}/{cell.continue_epochs}")
+        before = _read_json(pending)
+        acc_pre, acc_pruned = before["acc_pre"], before["acc_pruned"]
+    else:
+        acc_pre = trainer.evaluate(data.test)["acc"]
+        sparsifier.prune(ratio)
+        acc_pruned = trainer.evaluate(data.test)["acc"]
+        atomic_write_text(pending, json.dumps({"acc_pre": acc_pre, "acc_pruned": acc_pruned}))
     trainer.fit()
     acc_continue = trainer.evaluate(data.test)["acc"]
     return {
@@ -194,7 +267,7 @@ def _cell(study, config, data, dataset, state, epoch, ratio, regen, progress) ->
 
 
 def _write(out_dir: Path, study: PlasticityConfig, cells: list[dict]) -> None:
-    cells = sorted(cells, key=lambda c: (c["epoch"], c["ratio"], c["regeneration"]))
+    cells = sorted(cells, key=_key)
     atomic_write_text(out_dir / "plasticity.json", json.dumps({"name": study.name, "cells": cells}, indent=2))
     import csv
     import io
