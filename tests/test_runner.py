@@ -255,3 +255,14 @@ def test_ray_retries_a_killed_worker_and_the_unit_resumes(tmp_path, ray_local):
     a, b = _weights(tmp_path / "ray", comparison), _weights(tmp_path / "local", comparison)
     for key in a:
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+
+
+def test_a_unit_that_trains_on_cuda_is_refused_on_a_ray_cluster_without_gpus(tmp_path, ray_local):
+    from dataclasses import replace
+
+    _, comparison = _comparison(tmp_path, seeds=[0])
+    units = comparison_units(comparison)
+    units[2] = Unit(units[2].key, replace(units[2].config, device="cuda"), units[2].fn, units[2].kwargs)
+    with pytest.raises(ConfigError, match="trains on cuda but the Ray cluster \\(ray\\) has no GPU"):
+        run_units(units, tmp_path / "runs", "ray", progress=False, echo=lambda s: None)
+    assert not any(RunDir.for_config(u.config, tmp_path / "runs").results_path.exists() for u in units)

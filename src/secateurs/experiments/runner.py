@@ -228,8 +228,11 @@ class RayExecutor(Executor):
 
         remote = ray.remote(run_unit)
         refs = {}
+        cluster_gpus = ray.cluster_resources().get("GPU", 0)
+        gpus_of = {unit.key: unit.gpus or _wants_gpu(unit, cluster_gpus, self.name) for unit in units}  # all checked first
         for unit in units:
-            task = remote.options(num_cpus=unit.cpus, num_gpus=unit.gpus, max_retries=self.retries,
+            gpus = gpus_of[unit.key]
+            task = remote.options(num_cpus=unit.cpus, num_gpus=gpus, max_retries=self.retries,
                                   retry_exceptions=False, name=f"secateurs:{unit.key}")
             refs[task.remote(unit, runs_dir, False, wait, self.threads or unit.cpus)] = unit
         remaining = list(refs)
@@ -248,6 +251,18 @@ class RayExecutor(Executor):
 
             ray.shutdown()
             self._started = False
+
+
+def _wants_gpu(unit: Unit, cluster_gpus: float, name: str) -> float:
+    """The GPU a unit gets under Ray when it declares none: Ray hides GPUs from tasks that do
+    not ask for one, so a unit whose config trains on ``cuda`` (or ``auto``, on a cluster with
+    GPUs) asks for one; ``cuda`` on a cluster without GPUs is refused before anything runs,
+    never quietly trained on a CPU."""
+    device = str(getattr(unit.config, "device", "cpu"))
+    if device.startswith("cuda") and not cluster_gpus:
+        raise ConfigError(f"unit {unit.key!r} trains on {device} but the Ray cluster ({name}) has no GPU; "
+                          "set device: auto or cpu, or add GPU nodes")
+    return 1.0 if cluster_gpus and (device == "auto" or device.startswith("cuda")) else 0.0
 
 
 def _check_reachable(address: str, timeout: float) -> None:
