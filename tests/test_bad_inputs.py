@@ -45,7 +45,7 @@ CASES = [
     # what to train
     ("epochs 0", [*T, "--epochs", "0", "--sparsity", "0.5"], "train.epochs is 0"),
     ("epochs -1", [*T, "--epochs", "-1", "--sparsity", "0.5"], "epochs must be >= 0"),
-    ("epochs not a number", [*T, "--set", "train.epochs=abc", "--sparsity", "0.5"], "must be int"),
+    ("epochs not a number", [*T, "--set", "train.epochs=abc", "--sparsity", "0.5"], "train.epochs must be an integer, got 'abc' (str)"),
     ("no sparsities", [*T], "prune.sparsities is empty"),
     ("empty sparsities", [*T, "--set", "prune.sparsities=[]"], "prune.sparsities is empty"),
     ("sparsity 1", [*T, "--sparsity", "1"], "must be in [0, 1)"),
@@ -73,7 +73,7 @@ CASES = [
     ("--set twice", [*T, "--set", "train.epochs=1", "--set", "train.epochs=2"], "given twice"),
     ("--set unknown key", [*T, "--set", "train.epoch=1", "--sparsity", "0.5"], "unknown config key(s) train.epoch"),
     ("--set a section to a number", [*T, "--set", "train=3", "--sparsity", "0.5"], "train must be a mapping"),
-    ("--set into a number", [*T, "--set", "seed.x=3", "--sparsity", "0.5"], "seed must be int"),
+    ("--set into a number", [*T, "--set", "seed.x=3", "--sparsity", "0.5"], "seed must be an integer"),
     ("--set a section to a number under lenet5", [*T, "--model", "lenet5", "--set", "train=3", "--sparsity", "0.5"],
      "train must be a mapping"),
     ("a flag and --set on one key", [*T, "--epochs", "3", "--set", "train.epochs=1", "--sparsity", "0.5"],

@@ -12,6 +12,7 @@ import typing
 from typing import Any, Mapping
 
 from .errors import ConfigError
+from .validate import check_bool, check_int, check_number
 
 
 def from_dict(cls: type, data: Mapping[str, Any] | None, where: str = "") -> Any:
@@ -83,8 +84,12 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             return float(value)  # YAML reads 1e-4 as a string
         except ValueError:
             pass
-    if tp is bool and not isinstance(value, bool) or tp is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{where} must be {tp.__name__}, got {value!r}")
+    if tp is bool:
+        return check_bool(value, where)
+    if tp is int:
+        return check_int(value, where)
+    if tp is float:
+        return check_number(value, where)  # an int was made a float above; a bool is refused
     if isinstance(tp, type) and not isinstance(value, tp):
         raise ConfigError(f"{where} must be {tp.__name__}, got {value!r}")
     return value

@@ -5,7 +5,6 @@ they are checked at construction so a bad value fails before any training time i
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +13,7 @@ import torch
 
 from ..errors import ConfigError, UnknownNameError
 from ..typed_config import from_dict
+from ..validate import check_bool, check_int, check_number, is_number
 from .optim import LR_SCHEDULES, OPTIMIZERS
 
 
@@ -21,10 +21,6 @@ def _require(ok: bool, message: str) -> None:
     """Raise ConfigError with ``message`` unless ``ok``; keeps the checks one line each."""
     if not ok:
         raise ConfigError(message)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_name(kind: str, registry, name: str) -> None:
@@ -58,25 +54,16 @@ class OptimizerConfig:
 
     def __post_init__(self) -> None:
         _check_name("OptimizerConfig", OPTIMIZERS, self.name)
-        _require(
-            _is_number(self.lr) and math.isfinite(self.lr) and self.lr > 0,
-            f"OptimizerConfig.lr must be a finite number > 0, got {self.lr!r}; use e.g. lr=0.1 (SGD) or 1e-3 (Adam)",
-        )
-        _require(
-            _is_number(self.momentum) and 0.0 <= self.momentum < 1.0,
-            f"OptimizerConfig.momentum must be in [0, 1), got {self.momentum!r}; 0.9 is the usual value",
-        )
+        check_number(self.lr, "OptimizerConfig.lr", above=0, finite=True, hint="use e.g. lr=0.1 (SGD) or 1e-3 (Adam)")
+        check_number(self.momentum, "OptimizerConfig.momentum", minimum=0.0, below=1.0, hint="0.9 is the usual value")
         _require(
             not (self.nesterov and self.name == "sgd" and self.momentum == 0),
             "OptimizerConfig.nesterov=True needs momentum > 0; set momentum (e.g. 0.9) or nesterov=False",
         )
-        _require(
-            _is_number(self.weight_decay) and self.weight_decay >= 0,
-            f"OptimizerConfig.weight_decay must be >= 0, got {self.weight_decay!r}",
-        )
+        check_number(self.weight_decay, "OptimizerConfig.weight_decay", minimum=0)
         betas = tuple(self.betas) if isinstance(self.betas, (list, tuple)) else self.betas
         _require(
-            isinstance(betas, tuple) and len(betas) == 2 and all(_is_number(b) and 0.0 <= b < 1.0 for b in betas),
+            isinstance(betas, tuple) and len(betas) == 2 and all(is_number(b) and 0.0 <= b < 1.0 for b in betas),
             f"OptimizerConfig.betas must be two numbers in [0, 1), got {self.betas!r}; the default is (0.9, 0.999)",
         )
         object.__setattr__(self, "betas", betas)
@@ -96,10 +83,9 @@ class LRScheduleConfig:
     def __post_init__(self) -> None:
         _check_name("LRScheduleConfig", LR_SCHEDULES, self.name)
         milestones = tuple(self.milestones) if isinstance(self.milestones, (list, tuple)) else self.milestones
-        _require(
-            isinstance(milestones, tuple) and all(isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in milestones),
-            f"LRScheduleConfig.milestones must be positive integer epochs, got {self.milestones!r}",
-        )
+        _require(isinstance(milestones, tuple), f"LRScheduleConfig.milestones must be a list of epochs, got {self.milestones!r}")
+        for m in milestones:
+            check_int(m, "LRScheduleConfig.milestones", minimum=1, hint=f"milestones are epochs, got {self.milestones!r}")
         _require(
             all(a < b for a, b in zip(milestones, milestones[1:])),
             f"LRScheduleConfig.milestones must be strictly increasing, got {milestones}; sort them and drop duplicates",
@@ -108,18 +94,9 @@ class LRScheduleConfig:
             self.name != "multistep" or len(milestones) > 0,
             "LRScheduleConfig: name='multistep' needs milestones, e.g. milestones=(30, 60)",
         )
-        _require(
-            _is_number(self.gamma) and self.gamma > 0,
-            f"LRScheduleConfig.gamma must be > 0, got {self.gamma!r}; 0.1 is the usual value",
-        )
-        _require(
-            _is_number(self.warmup_epochs) and math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0,
-            f"LRScheduleConfig.warmup_epochs must be >= 0, got {self.warmup_epochs!r}; use 0 for no warm-up",
-        )
-        _require(
-            _is_number(self.min_lr) and self.min_lr >= 0,
-            f"LRScheduleConfig.min_lr must be >= 0, got {self.min_lr!r}",
-        )
+        check_number(self.gamma, "LRScheduleConfig.gamma", above=0, hint="0.1 is the usual value")
+        check_number(self.warmup_epochs, "LRScheduleConfig.warmup_epochs", minimum=0, finite=True, hint="use 0 for no warm-up")
+        check_number(self.min_lr, "LRScheduleConfig.min_lr", minimum=0)
         object.__setattr__(self, "milestones", milestones)
 
 
@@ -152,14 +129,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "optimizer", _coerce(OptimizerConfig, self.optimizer, "TrainConfig.optimizer"))
         object.__setattr__(self, "lr_schedule", _coerce(LRScheduleConfig, self.lr_schedule, "TrainConfig.lr_schedule"))
-        _require(
-            isinstance(self.epochs, int) and not isinstance(self.epochs, bool) and self.epochs >= 0,
-            f"TrainConfig.epochs must be an integer >= 0, got {self.epochs!r}",
-        )
-        _require(
-            isinstance(self.seed, int) and not isinstance(self.seed, bool),
-            f"TrainConfig.seed must be an integer, got {self.seed!r}",
-        )
+        check_int(self.epochs, "TrainConfig.epochs", minimum=0)
+        check_int(self.seed, "TrainConfig.seed")
         _require(isinstance(self.device, str), f"TrainConfig.device must be a string, got {self.device!r}")
         if self.device != "auto":
             try:
@@ -168,23 +139,13 @@ class TrainConfig:
                 raise ConfigError(
                     f"TrainConfig.device {self.device!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'"
                 ) from None
-        _require(isinstance(self.amp, bool), f"TrainConfig.amp must be True or False, got {self.amp!r}")
-        _require(
-            self.grad_clip is None or (_is_number(self.grad_clip) and math.isfinite(self.grad_clip) and self.grad_clip > 0),
-            f"TrainConfig.grad_clip must be None (off) or a number > 0, got {self.grad_clip!r}",
-        )
-        _require(
-            isinstance(self.loss_check_every, int) and not isinstance(self.loss_check_every, bool) and self.loss_check_every >= 1,
-            f"TrainConfig.loss_check_every must be an integer >= 1, got {self.loss_check_every!r}; 50 is a good default",
-        )
-        _require(
-            _is_number(self.label_smoothing) and 0.0 <= self.label_smoothing < 1.0,
-            f"TrainConfig.label_smoothing must be in [0, 1), got {self.label_smoothing!r}; 0.1 is common, 0 is off",
-        )
-        _require(
-            self.eval_every is None
-            or (isinstance(self.eval_every, int) and not isinstance(self.eval_every, bool) and self.eval_every >= 1),
-            f"TrainConfig.eval_every must be None (evaluate per epoch only) or an integer >= 1 (steps), got {self.eval_every!r}",
+        check_bool(self.amp, "TrainConfig.amp")
+        check_number(self.grad_clip, "TrainConfig.grad_clip", above=0, finite=True, optional=True, hint="None is off")
+        check_int(self.loss_check_every, "TrainConfig.loss_check_every", minimum=1, hint="50 is a good default")
+        check_number(self.label_smoothing, "TrainConfig.label_smoothing", minimum=0.0, below=1.0, hint="0.1 is common, 0 is off")
+        check_int(
+            self.eval_every, "TrainConfig.eval_every", minimum=1, optional=True,
+            hint="steps between evaluations; None evaluates per epoch only",
         )
         _require(
             self.health in ("error", "mark", "off"),
