@@ -267,7 +267,7 @@ def test_missing_or_empty_data_gives_a_clear_error():
 def test_bad_parameters_are_refused_with_the_known_names():
     with pytest.raises(UnknownNameError, match="known sanity checks: layer_shuffle, reinit"):
         SNIP(small_cnn(), sanity_check="shuffle")
-    with pytest.raises(ConfigError, match="rounds must be a positive int"):
+    with pytest.raises(ConfigError, match="synflow rounds must be an integer >= 1, got 0"):
         SynFlow(small_cnn(), rounds=0)
 
 

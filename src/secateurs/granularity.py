@@ -33,6 +33,7 @@ from .errors import ConfigError, SparsityMismatchError
 from .layers import as_rows, fan_in, from_rows
 from .masks import Masks, unwrap_model
 from .scores import magnitude
+from .validate import check_int
 
 __all__ = [
     "check_nm_config", "nm_compatible", "nm_mask", "nm_masks", "check_nm", "assert_nm",
@@ -47,8 +48,7 @@ def check_nm_config(n: int, m: int) -> tuple[int, int]:
     ``n == m`` would keep every weight (a dense layer: exclude it instead) and ``n == 0`` every
     layer's whole row of weights would go."""
     for what, value in (("n", n), ("m", m)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"N:M sparsity needs integer n and m, got {what}={value!r}; e.g. n=2, m=4")
+        check_int(value, f"N:M sparsity's {what}", hint="e.g. n=2, m=4")
     if not 1 <= n < m:
         raise ConfigError(
             f"N:M sparsity keeps n of every m weights and needs 1 <= n < m, got n={n}, m={m}; "

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .validate import check_int
 
 __all__ = [
     "LayerType", "register_layer", "layer_type", "class_layer_type", "registered_layers", "PruningNotice",
@@ -65,8 +66,7 @@ def register_layer(cls: type | str, *, output_axis: int = 0, param: str = "weigh
     along ``output_axis``. ``cls`` is a class, or a qualified class name
     (``"package.module.Class"``) to register a type without importing its package.
     Subclasses of a registered class are covered too."""
-    if isinstance(output_axis, bool) or not isinstance(output_axis, int) or output_axis < 0:
-        raise ConfigError(f"register_layer: output_axis must be a non-negative int, got {output_axis!r}")
+    check_int(output_axis, "register_layer: output_axis", minimum=0)
     if isinstance(cls, str):
         kind = LayerType(cls, output_axis, param)
         _BY_QUALNAME[cls] = kind

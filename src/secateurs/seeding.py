@@ -11,14 +11,14 @@ from __future__ import annotations
 import hashlib
 
 from .errors import ConfigError
+from .validate import check_int
 
 
 def derive_seed(seed: int, *purpose: str | int | float) -> int:
     """A 63-bit seed for ``purpose`` (the procedure, then the unit / phase within it) under the
     user's ``seed``. Equal inputs give equal seeds everywhere; the parts are joined unambiguously
     (``("a", "bc")`` and ``("ab", "c")`` differ)."""
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ConfigError(f"seed must be an integer, got {seed!r}")
+    check_int(seed, "seed")
     if not purpose:
         raise ConfigError("derive_seed needs a purpose (the procedure and unit the seed is for)")
     parts = [repr(seed)] + [repr(p) for p in purpose]

@@ -28,6 +28,7 @@ from ..errors import ConfigError, UnknownNameError
 from ..outputs import first_tensor, split_batch
 from ..resets import INITS, reinitialize_, rewind_, shuffle_within_layers, snapshot
 from ..scores import grasp, random, snip, synflow
+from ..validate import check_int, check_number
 from .base import Sparsifier
 from .registry import METHODS
 
@@ -98,9 +99,7 @@ class _AtInit(Sparsifier):
 
 
 def _check_count(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{what} must be a positive int, got {value!r}")
-    return value
+    return check_int(value, what, minimum=1)
 
 
 @METHODS.register("snip", "prune at init by connection sensitivity |g*w| on a batch (Lee et al. 2019)")
@@ -134,8 +133,7 @@ class GraSP(_AtInit):
     def __init__(self, model, optimizer=None, *, num_batches: int = 1, temperature: float = 200.0,
                  loss_fn: Callable | None = None, scope: str = "global", **kwargs):
         self.num_batches = _check_count(num_batches, "grasp num_batches")
-        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
-            raise ConfigError(f"grasp temperature must be a positive number, got {temperature!r}")
+        check_number(temperature, "grasp temperature", above=0)
         self.temperature = float(temperature)
         self.loss_fn = loss_fn
         super().__init__(model, optimizer, score=self._score, scope=scope, **kwargs)

@@ -32,6 +32,7 @@ from ..errors import CheckpointError, ConfigError
 from ..masks import unwrap_model
 from ..resets import KEPT_INITS, init_kept_, rewind_, snapshot
 from ..scores import magnitude
+from ..validate import check_int
 from ..vocabulary import IMP_RESETS, IMP_SCOPES
 from .base import Sparsifier
 
@@ -88,8 +89,7 @@ class LotteryTicket(Sparsifier):
         reset = IMP_RESETS.check(reset, "IMP reset")
         CRITERIA.get(criterion)
         KEPT_INITS.get(init)
-        if not isinstance(rewind_step, int) or isinstance(rewind_step, bool) or rewind_step < 0:
-            raise ConfigError(f"rewind_step must be an integer >= 0 (optimizer steps), got {rewind_step!r}")
+        check_int(rewind_step, "rewind_step", minimum=0, hint="it counts optimizer steps")
         if scope == "global" and (output_rate is not None or layer_rates):
             raise ConfigError(
                 "scope='global' prunes `rate` of all remaining weights under one threshold, so output_rate and "

@@ -13,6 +13,7 @@ from ..granularity import check_nm_config, nm_compatible, nm_mask
 from ..layers import notice
 from ..scores import magnitude
 from ..selection import count
+from ..validate import check_int
 from .base import ScoreFn, Sparsifier
 from .registry import METHODS
 
@@ -60,11 +61,7 @@ class NMSparsifier(Sparsifier):
         **kwargs,
     ):
         check_nm_config(n, m)
-        if isinstance(recompute_every, bool) or not isinstance(recompute_every, int) or recompute_every < 0:
-            raise ConfigError(
-                f"recompute_every must be a whole number of steps >= 0 (0: masks fixed after prune), "
-                f"got {recompute_every!r}"
-            )
+        check_int(recompute_every, "recompute_every", minimum=0, hint="steps between mask updates; 0 fixes the masks after prune")
         target = 1.0 - n / m
         self._check_sparsity(sparsity, target, n, m)
         if scope != "uniform":

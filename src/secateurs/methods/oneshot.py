@@ -47,6 +47,7 @@ from ..masks import unwrap_model
 from ..outputs import call_model, logits_of
 from ..registry import Registry
 from ..selection import topk_mask
+from ..validate import check_int
 
 __all__ = [
     "METHODS_ONESHOT", "ONESHOT_SCORES", "ScoreContext", "LayerStats", "wanda_scores", "ria_scores",
@@ -649,8 +650,7 @@ def calibration_samples(tokens: torch.Tensor, n: int, seq_len: int, seed: int = 
     """``n`` windows of ``seq_len`` tokens drawn uniformly from a 1-D token stream (the
     papers' C4 / WikiText calibration recipe), as ``{"input_ids": [1, seq_len]}`` samples."""
     tokens = tokens.reshape(-1)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(f"the number of calibration samples must be a positive int, got {n!r}")
+    check_int(n, "the number of calibration samples", minimum=1)
     if tokens.numel() <= seq_len:
         raise ConfigError(
             f"the calibration text has {tokens.numel()} tokens, not more than one sequence of {seq_len}; "

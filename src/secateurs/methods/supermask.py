@@ -30,9 +30,10 @@ from torch import nn
 from torch.func import functional_call
 
 from ..allocation import check_sparsity, uniform_keep
-from ..errors import CheckpointError, ConfigError, SparsityMismatchError, UnknownNameError
+from ..errors import CheckpointError, SparsityMismatchError, UnknownNameError
 from ..masks import select_prunable, unwrap_model
 from ..selection import count, topk_mask
+from ..validate import check_int
 
 MODES = ("topk", "bernoulli")
 _STATE_FORMAT = "secateurs.supermask/1"
@@ -85,9 +86,7 @@ def _check_mode(mode: str) -> str:
 
 
 def _check_seed(seed: int) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"seed must be an int (it seeds the score init and mask sampling), got {seed!r}")
-    return seed
+    return check_int(seed, "seed", hint="it seeds the score init and mask sampling")
 
 
 class Supermask(nn.Module):

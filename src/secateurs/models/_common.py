@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 from ..registry import Registry
+from ..validate import check_int
 
 MODELS: Registry = Registry("model")
 
@@ -18,8 +19,7 @@ MODELS: Registry = Registry("model")
 def require_positive(**values: int) -> None:
     """Reject non-positive sizes early, with the offending argument named."""
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"{name} must be a positive int, got {value!r}")
+        check_int(value, name, minimum=1)
 
 
 def require_divisible(image_size: int, pools: int, model: str, hint: str) -> int:

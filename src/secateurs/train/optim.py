@@ -15,6 +15,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ..errors import ConfigError
 from ..registry import Registry
+from ..validate import check_int
 
 if TYPE_CHECKING:
     from .config import LRScheduleConfig, OptimizerConfig
@@ -111,13 +112,8 @@ def build_lr_schedule(
     The factors are closures, not saved in its state_dict, so a resumed run takes them
     from its own config (e.g. a longer ``epochs``) and only the step count from the file.
     """
-    if not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
-        raise ConfigError(
-            f"build_lr_schedule: steps_per_epoch must be an integer >= 1, got {steps_per_epoch!r}; "
-            "is the training data empty?"
-        )
-    if not isinstance(epochs, int) or epochs < 0:
-        raise ConfigError(f"build_lr_schedule: epochs must be an integer >= 0, got {epochs!r}")
+    check_int(steps_per_epoch, "build_lr_schedule: steps_per_epoch", minimum=1, hint="is the training data empty?")
+    check_int(epochs, "build_lr_schedule: epochs", minimum=0)
     make_decay = LR_SCHEDULES.get(cfg.name)
     warmup = _warmup_steps(cfg, steps_per_epoch)
     lambdas = [
