@@ -176,7 +176,7 @@ def test_the_search_is_deterministic_given_the_seed_and_resumes_exactly():
     ({"usefulness": "l1"}, "known: taylor, norm"),
     ({"prune": -1}, "prune must be an integer >= 0"),
     ({"add": 0, "prune": 0}, "both 0"),
-    ({"depth_ratio": 0}, "depth_ratio must be a number > 0"),
+    ({"depth_ratio": 0}, "depth_ratio must be a finite number > 0"),
     ({"max_params": 0}, "max_params must be an integer >= 1"),
     ({"min_width": 0}, "min_width must be an integer >= 1"),
 ])

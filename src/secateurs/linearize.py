@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ConfigError, SparsityMismatchError
+from .validate import check_int
 
 __all__ = [
     "MaskedReLU", "linearizable", "masked_relus", "alpha_parameters", "lasso_penalty", "clamp_alphas_",
@@ -173,8 +174,7 @@ def binarize(model: nn.Module, budget: int) -> dict[str, int]:
     if not modules:
         raise ConfigError("the model has no MaskedReLU modules; call linearizable(model, example) first")
     total = sum(m.alpha.numel() for m in modules.values())
-    if isinstance(budget, bool) or not isinstance(budget, int):
-        raise ConfigError(f"budget is a count of ReLUs to keep and must be an int, got {budget!r}; round it first")
+    check_int(budget, "budget", hint="a count of ReLUs to keep; round it first")
     if not 0 <= budget <= total:
         raise ConfigError(f"budget {budget} is outside [0, {total}], the model's ReLU positions per sample")
     flat = torch.cat([m.alpha.detach().reshape(-1).float() for m in modules.values()])
@@ -210,8 +210,7 @@ class LassoSchedule:
     checks: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 0:
-            raise ConfigError(f"LassoSchedule.budget must be an integer >= 0 (ReLUs kept), got {self.budget!r}")
+        check_int(self.budget, "LassoSchedule.budget", minimum=0, hint="the number of ReLUs kept")
         if not (isinstance(self.lasso, (int, float)) and math.isfinite(self.lasso) and self.lasso > 0):
             raise ConfigError(f"LassoSchedule.lasso (the initial lambda) must be a finite number > 0, got {self.lasso!r}")
         if not (isinstance(self.growth, (int, float)) and math.isfinite(self.growth) and self.growth >= 1):

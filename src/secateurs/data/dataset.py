@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..errors import ConfigError, DataError
+from ..validate import check_int
 
 _STATS_CHUNK = 4096  # samples per chunk, so statistics never need a float copy of the whole set
 
@@ -77,11 +78,7 @@ class ImageDataset:
         n_train = len(self.train_labels)
         if self.val_images is not None:
             raise ConfigError(f"{self.name} already has a validation split; call holdout() only once")
-        if isinstance(n_val, bool) or not isinstance(n_val, int) or not 0 < n_val < n_train:
-            raise ConfigError(
-                f"holdout n_val={n_val!r} is invalid for {n_train} training samples; "
-                f"use an integer in 1..{n_train - 1}"
-            )
+        check_int(n_val, "holdout n_val", minimum=1, below=n_train, hint=f"{self.name} has {n_train} training samples")
         order = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))
         val_idx, train_idx = order[:n_val].sort().values, order[n_val:].sort().values
         return replace(

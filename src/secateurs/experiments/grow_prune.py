@@ -37,6 +37,7 @@ from ..grow.deepen import mlp_layout
 from ..grow.heuristic import GrowPrune, GrowPruneConfig, mlp_parameters
 from ..models import MLP
 from ..train import Trainer, load_checkpoint, save_checkpoint
+from ..validate import check_int
 from .config import DataConfig, HashedConfig, ModelConfig, PhaseConfig, load_typed
 from .runs import RunDir, atomic_write_text, execute
 from .sweep import _Data, phase_trainer, build_model
@@ -68,15 +69,16 @@ class GrowPruneExperimentConfig(HashedConfig):
     baselines: bool = True
 
     def __post_init__(self) -> None:
-        if not self.start or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in self.start):
+        if not self.start:
             raise ConfigError(f"start must list the first MLP's hidden widths (integers >= 1), got {list(self.start)}")
+        for w in self.start:
+            check_int(w, "start", minimum=1, hint=f"start lists the first MLP's hidden widths, got {list(self.start)}")
         if len(self.start) > self.grow_prune.max_depth:
             raise ConfigError(
                 f"start has {len(self.start)} hidden layers but grow_prune.max_depth is {self.grow_prune.max_depth}; "
                 "start shallower or raise max_depth"
             )
-        if isinstance(self.cycles, bool) or not isinstance(self.cycles, int) or self.cycles < 1:
-            raise ConfigError(f"cycles must be an integer >= 1 (training phases; events run between them), got {self.cycles!r}")
+        check_int(self.cycles, "cycles", minimum=1, hint="training phases; events run between them")
         if self.train.epochs < 1:
             raise ConfigError(f"train.epochs is the training per cycle and must be >= 1, got {self.train.epochs}")
         if self.grow_prune.seed != 0:

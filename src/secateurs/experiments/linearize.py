@@ -43,6 +43,7 @@ from ..linearize import (
 from ..seeding import derive_seed
 from ..train import Trainer, TrainConfig, build_optimizer, evaluate, load_checkpoint, save_checkpoint
 from ..train.config import OptimizerConfig
+from ..validate import check_int, check_number
 from .config import DataConfig, HashedConfig, ModelConfig, PhaseConfig, load_typed, with_model_defaults
 from .runs import RunDir, atomic_write_text, execute
 from .sweep import _Data, phase_trainer, build_model
@@ -86,11 +87,9 @@ class SNLSettings:
             raise ConfigError(f"snl.budgets {list(self.budgets)} must be non-empty without repeats")
         for name in ("epochs", "check_every"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"snl.{name} must be an integer >= 1, got {value!r}")
+            check_int(value, f"snl.{name}", minimum=1)
         for name in ("lasso", "alpha_lr"):
-            if not _number(getattr(self, name)) or getattr(self, name) <= 0:
-                raise ConfigError(f"snl.{name} must be a finite number > 0, got {getattr(self, name)!r}")
+            check_number(getattr(self, name), f"snl.{name}", above=0, finite=True)
         if not _number(self.lasso_growth) or self.lasso_growth < 1:
             raise ConfigError(f"snl.lasso_growth must be >= 1 (1 keeps lambda fixed), got {self.lasso_growth!r}")
         if not _number(self.min_decrease) or not 0 <= self.min_decrease < 1:

@@ -46,6 +46,7 @@ from ..methods.lottery import LotteryTicket, criterion_masks
 from ..resets import KEPT_INITS, init_kept_, rewind_
 from ..schedules import parse_duration
 from ..seeding import derive_seed
+from ..validate import check_int
 from ..vocabulary import IMP_SCOPES, LOTTERY_RESETS, SCOPES
 from ..train import Trainer, TrainConfig, build_optimizer, load_checkpoint, save_checkpoint
 from ..train.optim import build_lr_schedule
@@ -116,8 +117,7 @@ class LotterySettings:
         KEPT_INITS.get(self.init)
         for c in self.controls:
             KEPT_INITS.get(c)
-        if not isinstance(self.rounds, int) or isinstance(self.rounds, bool) or self.rounds < 0:
-            raise ConfigError(f"lottery.rounds must be an integer >= 0 (pruning rounds after the dense one), got {self.rounds!r}")
+        check_int(self.rounds, "lottery.rounds", minimum=0, hint="pruning rounds after the dense one")
         if self.reset in ("finetune", "linear_decay") and not self.retrain_epochs:
             raise ConfigError(f"lottery.reset={self.reset!r} trains each round for retrain_epochs; set lottery.retrain_epochs")
         if self.procedure == "colt":
@@ -153,8 +153,10 @@ def config_seeds(path: str | Path) -> list[int]:
     """The ``seeds:`` list of a lottery config file (default: the config's ``seed``)."""
     data = read_yaml(path, "lottery config")
     seeds = data.get("seeds", [data.get("seed", 0)])
-    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+    if not isinstance(seeds, list):
         raise ConfigError(f"seeds in {path} must be a list of integers, got {seeds!r}")
+    for s in seeds:
+        check_int(s, f"each of the seeds in {path}", hint=f"seeds is {seeds!r}")
     return seeds
 
 

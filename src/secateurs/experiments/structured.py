@@ -45,6 +45,7 @@ from ..structured import (
     IMPORTANCE, build_graph, load_compact, model_cost, plan_removal, prune_to_flops, remove_units,
     save_compact, taylor_importance,
 )
+from ..validate import check_int, check_number
 from ..vocabulary import STRUCTURED_SCOPES
 from ..train import Trainer, load_checkpoint, save_checkpoint
 from .config import DataConfig, HashedConfig, ModelConfig, PhaseConfig, load_typed, with_model_defaults
@@ -90,20 +91,15 @@ class StructuredSettings:
             )
         object.__setattr__(self, "scope", STRUCTURED_SCOPES.check(self.scope, "structured.scope"))
         for f in self.flops_removed:
-            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f < 1.0:
-                raise ConfigError(
-                    f"structured.flops_removed entries are shares of the dense MACs to remove, in (0, 1); got {f!r}"
-                )
+            check_number(f, "structured.flops_removed", above=0.0, below=1.0, hint="each is a share of the dense MACs to remove")
         if len({_phase(f) for f in self.flops_removed}) != len(self.flops_removed):
             raise ConfigError(f"structured.flops_removed {list(self.flops_removed)} repeats a level")
         for name in ("steps", "taylor_batches", "min_channels", "latency_threads"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"structured.{name} must be an integer >= 1, got {value!r}")
-        if isinstance(self.latency_repeats, bool) or not isinstance(self.latency_repeats, int) or self.latency_repeats < 0:
-            raise ConfigError(f"structured.latency_repeats must be an integer >= 0, got {self.latency_repeats!r}")
-        if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.latency_batches):
-            raise ConfigError(f"structured.latency_batches must be batch sizes >= 1, got {list(self.latency_batches)}")
+            check_int(value, f"structured.{name}", minimum=1)
+        check_int(self.latency_repeats, "structured.latency_repeats", minimum=0)
+        for b in self.latency_batches:
+            check_int(b, "structured.latency_batches", minimum=1, hint=f"batch sizes, got {list(self.latency_batches)}")
 
 
 @dataclass(frozen=True)

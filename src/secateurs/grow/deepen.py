@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError, GrowthError
+from ..validate import check_int
 
 __all__ = ["MLPLayout", "mlp_layout", "insert_identity_layer"]
 
@@ -112,11 +113,11 @@ def insert_identity_layer(
     difference above ``atol`` times the output's magnitude raises :class:`GrowthError`; on
     CPU in float32 the difference is exactly 0."""
     layout = mlp_layout(model)
-    if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after < layout.depth:
-        raise ConfigError(
-            f"after must be the index of a hidden layer, 0..{layout.depth - 1}, got {after!r}; "
-            "a layer can only be inserted behind a hidden ReLU (its input must be non-negative)"
-        )
+    check_int(
+        after, "after", minimum=0, below=layout.depth,
+        hint=f"the index of a hidden layer, 0..{layout.depth - 1}; "
+        "a layer can only be inserted behind a hidden ReLU (its input must be non-negative)",
+    )
     new = copy.deepcopy(model)
     seq = new.get_submodule(layout.sequential) if layout.sequential else new
     body = list(seq)

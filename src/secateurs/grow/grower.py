@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..errors import CheckpointError, ConfigError
 from ..outputs import batch_source
+from ..validate import check_int
 from .gradmax import GROWTH_INITS, ZERO_INCOMING, new_unit_weights
 from .widen import add_units, growth_site
 
@@ -83,8 +84,7 @@ class Grower:
         if init not in GROWTH_INITS:
             raise ConfigError(f"unknown growth init {init!r}; known: {', '.join(GROWTH_INITS)}")
         for name, value in (("start", start), ("every", every), ("events", events), ("grad_batches", grad_batches)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "start" else 1):
-                raise ConfigError(f"Grower {name} must be an integer >= {0 if name == 'start' else 1}, got {value!r}")
+            check_int(value, f"Grower {name}", minimum=0 if name == "start" else 1)
         if not scale > 0:
             raise ConfigError(f"Grower scale must be > 0, got {scale!r}")
         if (init.startswith("gradmax") or measure) and batches is None:

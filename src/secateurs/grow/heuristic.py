@@ -62,6 +62,7 @@ from ..errors import CheckpointError, ConfigError, GrowthError
 from ..outputs import batch_pass
 from ..structured.graph import build_graph
 from ..structured.rebuild import remove_units
+from ..validate import check_int, check_number
 from .deepen import MLPLayout, insert_identity_layer, mlp_layout
 from .gradmax import new_unit_weights
 from .widen import add_units, growth_site
@@ -74,10 +75,6 @@ __all__ = [
 USEFULNESS = ("taylor", "norm")
 _FORMAT = "secateurs.grow_prune/1"
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -106,10 +103,8 @@ class GrowPruneConfig:
         for name, low in (("max_params", 1), ("max_depth", 1), ("min_width", 1), ("add", 0),
                           ("prune", 0), ("usefulness_batches", 1)):
             value = getattr(self, name)
-            if not _is_int(value) or value < low:
-                raise ConfigError(f"grow_prune.{name} must be an integer >= {low}, got {value!r}")
-        if not _is_int(self.seed):
-            raise ConfigError(f"grow_prune.seed must be an integer, got {self.seed!r}")
+            check_int(value, f"grow_prune.{name}", minimum=low)
+        check_int(self.seed, "grow_prune.seed")
         if self.add == 0 and self.prune == 0:
             raise ConfigError("grow_prune.add and grow_prune.prune are both 0, so the search never changes "
                               "the network; set at least one of them (e.g. add: 32, prune: 8)")
@@ -117,11 +112,8 @@ class GrowPruneConfig:
             raise ConfigError(f"unknown grow_prune.usefulness {self.usefulness!r}; known: {', '.join(USEFULNESS)}")
         for name in ("depth_ratio", "init_scale"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-                raise ConfigError(
-                    f"grow_prune.{name} must be a number > 0, got {value!r}"
-                    + ("; to keep the depth fixed set max_depth to the starting depth" if name == "depth_ratio" else "")
-                )
+            hint = "to keep the depth fixed set max_depth to the starting depth" if name == "depth_ratio" else None
+            check_number(value, f"grow_prune.{name}", above=0, finite=True, hint=hint)
 
 
 # -- pure rules on widths ----------------------------------------------------------------------

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError, GrowthError
 from ..structured.graph import build_graph
+from ..validate import check_int
 
 __all__ = ["GrowthSite", "growth_site", "add_units", "replace_parameter", "unit_norms"]
 
@@ -197,8 +198,7 @@ def add_units(
     consumer must have a bias, no BatchNorm may sit between, and a conv consumer must not
     pad) and ``example_input`` to measure that constant. With ``example_input`` the network's
     output is checked to be unchanged to ``atol`` (relative to its magnitude)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(f"the number of units to add must be an integer >= 1, got {n!r}")
+    check_int(n, "the number of units to add", minimum=1)
     producer, reader = _module(model, site.layer), _module(model, site.consumer)
     conv_in = isinstance(reader, _CONV)
     w = producer.weight
