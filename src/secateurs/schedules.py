@@ -13,6 +13,7 @@ from typing import Protocol
 
 from .allocation import check_sparsity
 from .errors import ConfigError
+from .validate import check_int
 
 
 class Schedule(Protocol):
@@ -22,8 +23,7 @@ class Schedule(Protocol):
 
 
 def _check_step(value: int, what: str, minimum: int = 0) -> None:
-    if not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{what} must be an integer step >= {minimum}, got {value!r}")
+    check_int(value, what, minimum=minimum, hint="it counts optimizer steps")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ Densities are per-layer fractions of weights kept, keyed by parameter name as in
 """
 from __future__ import annotations
 
-import numbers
 from typing import Iterable, Mapping, Sequence
 
 import torch
@@ -30,6 +29,7 @@ from ..errors import ConfigError
 from ..layers import fan_in, layer_type, registered_layers
 from ..masks import unwrap_model
 from ..outputs import call_model, first_tensor
+from ..validate import check_int, check_number
 
 __all__ = ["layer_macs", "inference_flops", "training_flops", "flops_report"]
 
@@ -150,11 +150,7 @@ def _to(inputs, device):
 
 def _check_macs(macs: Mapping[str, int]) -> int:
     for name, value in macs.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-            raise ConfigError(
-                f"macs[{name!r}] = {value!r} is not a non-negative integer; pass the dict "
-                "returned by layer_macs(model, example_input)"
-            )
+        check_int(value, f"macs[{name!r}]", minimum=0, numpy=True, hint="pass the dict returned by layer_macs(model, example_input)")
     total = int(sum(int(v) for v in macs.values()))
     if total <= 0:
         raise ConfigError(
@@ -171,11 +167,10 @@ def _check_densities(densities: Mapping[str, float], macs: Mapping[str, int], wh
                 f"{where}: layer {name!r} is not in macs; use one of {_preview(macs)} "
                 "(names as in model.named_parameters())"
             )
-        if isinstance(d, bool) or not isinstance(d, numbers.Real) or not 0.0 <= d <= 1.0:
-            raise ConfigError(
-                f"{where}: density of {name!r} is {d!r}; a density is the fraction of weights "
-                "kept and must be in [0, 1] (density = 1 - sparsity)"
-            )
+        check_number(
+            d, f"{where}: the density of {name!r}", minimum=0.0, maximum=1.0, numpy=True,
+            hint="a density is the fraction of weights kept (density = 1 - sparsity)",
+        )
 
 
 def _sparse_macs(macs: Mapping[str, int], densities: Mapping[str, float]) -> float:
@@ -196,9 +191,7 @@ def inference_flops(macs: Mapping[str, int], densities: Mapping[str, float]) -> 
 
 
 def _check_count(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{what} must be an integer >= 1, got {value!r}")
-    return value
+    return check_int(value, what, minimum=1)
 
 
 def training_flops(
@@ -244,8 +237,7 @@ def training_flops(
         if not isinstance(event, Mapping):
             raise ConfigError(f"{where} is {event!r}; each event must be a dict with a 'step' key")
         step = event.get("step")
-        if isinstance(step, bool) or not isinstance(step, int):
-            raise ConfigError(f"{where}: 'step' is {step!r}; it must be an integer optimizer step")
+        check_int(step, f"{where}: 'step'", hint="each event needs the integer optimizer step it happens at")
         if not 0 <= step <= total_steps:
             raise ConfigError(
                 f"{where}: step {step} is outside [0, total_steps={total_steps}]; use 0 for an "

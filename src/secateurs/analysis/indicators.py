@@ -26,6 +26,7 @@ from torch.func import functional_call, jacrev
 
 from ..errors import ConfigError
 from ..outputs import logits_of
+from ..validate import check_int
 
 __all__ = ["empirical_ntk", "ntk_condition_number", "linear_regions", "indicators", "rank_architectures"]
 
@@ -155,8 +156,7 @@ def indicators(
     magnitude and one bad draw would dominate an arithmetic mean; ``regions`` is the mean
     count. Regions are counted on ``region_inputs`` (default: ``ntk_inputs``).
     """
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ConfigError(f"repeats must be an integer >= 1, got {repeats!r}")
+    check_int(repeats, "repeats", minimum=1)
     if isinstance(factory, nn.Module):
         raise ConfigError("pass a function that builds the model (e.g. lambda: MLP(...)), not a model: "
                           "each repeat needs a fresh initialisation")

@@ -45,6 +45,7 @@ from ..layers import as_rows, layer_type
 from ..masks import unwrap_model
 from ..outputs import batch_pass, call_model, split_batch, task_loss
 from ..registry import Registry
+from ..validate import check_number
 
 __all__ = [
     "Part", "UnitGroup", "BLOCKS", "find_unit_groups", "unit_importance", "remove_units_",
@@ -482,8 +483,7 @@ def prune_units(
     for kind, f in fractions.items():
         if kind not in ("heads", "mlp"):
             raise ConfigError(f"unknown unit kind {kind!r}; known: heads, mlp")
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f < 1:
-            raise ConfigError(f"the fraction of {kind} to remove must be in [0, 1), got {f!r}")
+        check_number(f, f"the fraction of {kind} to remove", minimum=0, below=1)
     groups = find_unit_groups(model, exclude, kinds=[k for k, f in fractions.items() if f > 0])
     scores = unit_importance(model, groups, importance, batches, loss_fn)
     plan = _plan(groups, scores, fractions)
@@ -521,8 +521,7 @@ def prune_units_to_macs(
     from ..analysis.flops import layer_macs
     from .prune import bisect_removal
 
-    if isinstance(macs_fraction_removed, bool) or not 0.0 <= macs_fraction_removed < 1.0:
-        raise ConfigError(f"macs_fraction_removed must be in [0, 1), got {macs_fraction_removed!r}")
+    check_number(macs_fraction_removed, "macs_fraction_removed", minimum=0.0, below=1.0, numpy=True)
     groups = find_unit_groups(model, exclude)
     scores = unit_importance(model, groups, importance, batches, loss_fn)
     dense = sum(layer_macs(model, example_input).values())

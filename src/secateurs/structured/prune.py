@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
+from ..validate import check_int, check_number
 from .cost import model_cost
 from .graph import DependencyGraph, Group, build_graph
 from .importance import Scores, resolve_scores
@@ -29,11 +30,10 @@ SCOPES = STRUCTURED_SCOPES  # the subset of :data:`secateurs.vocabulary.SCOPES` 
 
 
 def _check_ratio(ratio: float) -> float:
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
-        raise ConfigError(
-            f"ratio is the share of each group's channels to remove and must be in [0, 1), got "
-            f"{ratio!r}; to remove exact counts pass {{group_name: n_remove}}"
-        )
+    check_number(
+        ratio, "ratio", minimum=0.0, below=1.0,
+        hint="it is the share of each group's channels to remove; to remove exact counts pass {group_name: n_remove}",
+    )
     return float(ratio)
 
 
@@ -74,8 +74,7 @@ def _plan_counts(graph: DependencyGraph, scores: Scores, counts: Mapping[str, in
     plan = {}
     for name, n in counts.items():
         group = graph.group(name)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ConfigError(f"the number of channels to remove from {name!r} must be an int >= 0, got {n!r}")
+        check_int(n, f"the number of channels to remove from {name!r}", minimum=0)
         if n >= group.units:
             raise ConfigError(
                 f"asked to remove {n} of the {group.units} channels of group {name!r}, which would "
@@ -129,8 +128,7 @@ def plan_removal(
     of all prunable units ranked together ("global"); every layer keeps at least
     ``min_channels`` of the group's channels (fewer are removed if needed). A mapping gives exact counts per group and raises rather than clamp.
     """
-    if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
-        raise ConfigError(f"min_channels must be an int >= 1, got {min_channels!r}")
+    check_int(min_channels, "min_channels", minimum=1)
     scope = STRUCTURED_SCOPES.check(scope, "scope")
     if isinstance(amount, Mapping):
         return _plan_counts(graph, scores, amount, min_channels)
