@@ -21,6 +21,14 @@ from .config import ExperimentConfig, HashedConfig, _diff
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically. Under torchrun (:mod:`secateurs.distributed`) a
+    collective: rank 0 writes, every rank returns once it has."""
+    from .. import distributed
+
+    distributed.on_main(_atomic_write_text, path, text)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -115,7 +123,15 @@ class RunDir:
         """Hold the directory exclusively: two processes resuming one run would race on its
         checkpoints. ``flock`` is released by the kernel if the holder dies, so a killed run
         never leaves a stale lock. A busy directory raises :class:`RunBusyError`, or with
-        ``wait`` blocks until its holder is done."""
+        ``wait`` blocks until its holder is done. Under torchrun rank 0 holds it for the job, and
+        its failure to get it is raised on every rank."""
+        from .. import distributed
+
+        with distributed.main_context(lambda: self._lock(wait)):
+            yield self
+
+    @contextlib.contextmanager
+    def _lock(self, wait: bool):
         self.path.mkdir(parents=True, exist_ok=True)
         with open(self.path / ".lock", "a+") as handle:
             try:
@@ -137,6 +153,12 @@ class RunDir:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def log(self, record: dict[str, Any]) -> None:
+        """Append ``record`` to ``metrics.jsonl`` (under torchrun: rank 0 does, as a collective)."""
+        from .. import distributed
+
+        distributed.on_main(self._append, record)
+
+    def _append(self, record: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()

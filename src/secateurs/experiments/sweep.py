@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from .. import distributed
 from ..data import BatchTransform, ImageDataset, InMemoryLoader
 from ..methods import METHODS, Sparsifier
 from ..analysis.flops import flops_report, inference_flops, layer_macs
@@ -317,16 +318,11 @@ class _Sweep:
         """Start from ``old``'s dense phase (see :func:`run_sweep`): its log lines and its
         checkpoint, which :meth:`dense` continues if it was interrupted; returns its row if
         it finished."""
-        import shutil
-
         run = self.run_dir
         for record in old.metrics():
             if record.get("phase") == "dense":
                 run.log(record)
-        run.checkpoints.mkdir(parents=True, exist_ok=True)
-        tmp = run.checkpoints / ".dense.pt.copy"
-        shutil.copyfile(old.checkpoint("dense"), tmp)
-        tmp.replace(run.checkpoint("dense"))
+        distributed.on_main(_copy_into, old.checkpoint("dense"), run.checkpoint("dense"))  # rank 0 copies
         return next((r for r in old.results().get("levels", []) if r.get("phase") == "dense"), None)
 
     def _diverged(self, phase: str, error: NonFiniteLossError) -> NonFiniteLossError:
@@ -470,6 +466,16 @@ def _load_start(model, sparsifier: Sparsifier, path: Path) -> None:
     if state.get("sparsifier") is not None:
         sparsifier.masks.load_state_dict(state["sparsifier"]["masks"])
         sparsifier.masks.apply_()
+
+
+def _copy_into(source: Path, target: Path) -> None:
+    """Copy ``source`` to ``target`` through a temporary file, so ``target`` is never half-written."""
+    import shutil
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.copy"
+    shutil.copyfile(source, tmp)
+    tmp.replace(target)
 
 
 def _read_json(path: Path) -> dict:

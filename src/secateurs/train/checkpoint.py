@@ -50,7 +50,15 @@ def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> None:
 
 def atomic_torch_save(path: str | Path, tagged: Any) -> None:
     """``torch.save`` to ``path`` atomically: a temporary file in the same directory,
-    fsynced, renamed over ``path``; on failure ``path`` is untouched."""
+    fsynced, renamed over ``path``; on failure ``path`` is untouched. Under torchrun
+    (:mod:`secateurs.distributed`) a collective: rank 0 writes, every rank returns once it has,
+    so each can then load the file."""
+    from .. import distributed
+
+    distributed.on_main(_atomic_torch_save, path, tagged)
+
+
+def _atomic_torch_save(path: str | Path, tagged: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
