@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingHealthError
 from .checkpoint import (
     FORMAT,
@@ -111,6 +112,23 @@ def evaluate(
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class _GradShare:
+    """The comm hook's state: this rank's share of the current global batch."""
+
+    weight = 1.0
+
+
+def _weighted_allreduce(state: _GradShare, bucket):
+    """DDP comm hook: the sum over ranks of each rank's gradient times its batch share, i.e.
+    the gradient of the mean loss over the global batch (DDP's default averages the ranks'
+    gradients, which is that only when every rank has as many examples)."""
+    import torch.distributed as dist
+
+    buffer = bucket.buffer()
+    buffer.mul_(state.weight)
+    return dist.all_reduce(buffer, async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
 class Trainer:
     """Trains ``model`` on ``train_data`` per ``cfg``; see :meth:`fit` and :meth:`resume`.
 
@@ -194,6 +212,10 @@ class Trainer:
         self._amp = cfg.amp and self.device.type == "cuda"
         self._autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16) if self._amp else contextlib.nullcontext
         self._loss_buf = torch.zeros(cfg.loss_check_every, device=self.device)
+        self._ddp: nn.Module | None = None  # the DistributedDataParallel wrapper under torchrun (_data_parallel)
+        self._grad_share = _GradShare()
+        if distributed.is_distributed():
+            distributed.check_batch_size(getattr(train_data, "batch_size", None))
 
     @staticmethod
     def _check_hooks(loss_fn, extra_optimizers, after_step, step_callbacks, extra_state) -> None:
@@ -290,7 +312,7 @@ class Trainer:
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step; returns the detached loss and logits (no host sync)."""
         with self._autocast():
-            logits = self.model(x)
+            logits = (self.model if self._ddp is None else self._ddp)(x)
             loss = self.loss_fn(self.model, logits, y)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise ConfigError(
@@ -317,7 +339,82 @@ class Trainer:
         self.lr_schedule.step()
         return loss.detach(), logits.detach()
 
+    # ------------------------------------------------------------ data parallel
+    def _data_parallel(self) -> None:
+        """Under torchrun (:func:`secateurs.distributed.is_distributed`), wrap the model in
+        DistributedDataParallel for the training forward/backward, once. Everything else
+        (evaluation, checkpoints, the sparsifier and its masks) keeps using the unwrapped
+        ``self.model``. The gradients are all-reduced as a weighted sum (each rank's weighted
+        by its share of the global batch, see :meth:`_shard`), not DDP's plain average."""
+        if self._ddp is not None or not distributed.is_distributed():
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        own = {id(p) for p in self.model.parameters()}
+        outside = [p for o in self.extra_optimizers for g in o.param_groups for p in g["params"] if id(p) not in own]
+        if outside:
+            raise ConfigError(
+                f"extra_optimizers hold {len(outside)} parameter(s) outside the model; under torchrun only the "
+                "model's gradients are all-reduced, so they would drift apart between processes. Make them part "
+                "of the model (register them on a submodule), or train in one process"
+            )
+        self._ddp = DistributedDataParallel(self.model)  # broadcasts rank 0's weights and buffers
+        self._ddp.register_comm_hook(self._grad_share, _weighted_allreduce)
+
+    def _shard(self, x: torch.Tensor, y: torch.Tensor, batch: int):
+        """This rank's slice of the global batch ``(x, y)``; returns ``(x, y, n, share)``: the
+        slice, the number of examples it counts for and its share of the batch, ``n / len(y)``.
+
+        Every rank draws the same global batch (same loader seed); of its ``B`` rows rank ``r``
+        of ``W`` takes rows ``floor(r B / W)`` up to ``floor((r + 1) B / W)``: contiguous
+        slices whose sizes differ by at most one when ``B`` is not divisible by ``W``. Its
+        gradient is weighted by ``share`` in the all-reduce, so the summed gradient is the
+        mean over the whole global batch, as in one process on it (up to float rounding),
+        provided the loss is a mean over the batch's examples (as the default cross-entropy
+        is) plus terms that do not depend on the batch. A batch smaller than ``W`` (only the
+        last, partial one of an epoch: smaller batch sizes are refused) leaves some ranks
+        without rows; they compute on a copy of its first example with weight 0 (DDP needs
+        every rank in every step), which counts for nothing. Not distributed: ``(x, y,
+        len(y), 1.0)``.
+        """
+        total = y.shape[0]
+        if self._ddp is None:
+            return x, y, total, 1.0
+        world, rank = distributed.world_size(), distributed.rank()
+        if total < world and batch < self.steps_per_epoch:
+            raise ConfigError(
+                f"batch {batch} of the training data has {total} examples, fewer than the {world} processes "
+                "training together; use a batch size of at least the number of processes"
+            )
+        start, stop = rank * total // world, (rank + 1) * total // world
+        if stop > start:
+            n, share = stop - start, (stop - start) / total
+        else:
+            start, stop, n, share = 0, 1, 0, 0.0
+        self._grad_share.weight = share
+        return x[start:stop], y[start:stop], n, share
+
+    def _global(self, *values: torch.Tensor) -> list[torch.Tensor]:
+        """``values`` summed over the ranks, in one all-reduce (as they are in one process)."""
+        if self._ddp is None:
+            return list(values)
+        import torch.distributed as dist
+
+        flat = torch.cat([v.detach().double().reshape(-1) for v in values])
+        dist.all_reduce(flat)
+        out, offset = [], 0
+        for v in values:
+            out.append(flat[offset:offset + v.numel()].reshape(v.shape).to(v.dtype))
+            offset += v.numel()
+        return out
+
     def _train_epoch(self) -> dict:
+        """One epoch (or what is left of it). Under torchrun each rank trains on its slice of
+        every global batch (:meth:`_shard`); the bookkeeping (train loss and accuracy, the
+        loss check's window, the health check's first-epoch loss and labels) is summed over
+        the ranks whenever it is read, so every rank sees the global values and takes the same
+        decisions (a non-finite loss on any rank stops every rank at the same step)."""
+        self._data_parallel()
         self.model.train()
         epoch = self.state.epoch + 1
         loss_sum = torch.zeros((), device=self.device)
@@ -334,25 +431,28 @@ class Trainer:
         labels = None
         bar = tqdm(
             total=steps, desc=f"{self.progress_desc} {epoch}/{self.cfg.epochs}",
-            disable=not self.progress, leave=False, dynamic_ncols=True,
+            disable=not (self.progress and distributed.is_main()), leave=False, dynamic_ncols=True,
         )
         with bar:
             for batch, (x, y) in enumerate(self.train_data, start=1):
                 x = x.to(self.device, non_blocking=True)
                 y = y.to(self.device, non_blocking=True)
+                x, y, n, share = self._shard(x, y, batch)
                 loss, logits = self._step(x, y)
                 self.state.step += 1
-                self._loss_buf[pending] = loss
+                # this rank's share of the step's loss: summed over the ranks, the global batch's
+                step_loss = loss if self._ddp is None else loss * share
+                self._loss_buf[pending] = step_loss
                 pending += 1
-                loss_sum += loss.float() * y.shape[0]
-                correct += (logits.argmax(dim=1) == y).sum()
-                count += y.shape[0]
+                loss_sum += loss.float() * n
+                correct += (logits[:n].argmax(dim=1) == y[:n]).sum()
+                count += n
                 if watch:
                     if batch > late_from:
-                        late_sum += loss.float()
+                        late_sum += step_loss.float()
                     if labels is None:
                         labels = torch.zeros(logits.shape[-1], dtype=torch.long, device=self.device)
-                    labels.index_add_(0, y, torch.ones_like(y))  # bincount would sync on CUDA
+                    labels.index_add_(0, y[:n], torch.ones_like(y[:n]))  # bincount would sync on CUDA
                 bar.update(1)
                 if pending == len(self._loss_buf):
                     self._check_losses(pending, epoch, batch, bar, loss_sum, correct, count)
@@ -368,6 +468,12 @@ class Trainer:
                     break
             if pending:
                 self._check_losses(pending, epoch, batch, bar, loss_sum, correct, count)
+        if self._ddp is not None:
+            loss_sum, correct, late_sum, total = self._global(
+                loss_sum, correct, late_sum, torch.tensor(float(count), device=self.device))
+            count = int(total.item())
+            if labels is not None:
+                (labels,) = self._global(labels)
         if count == 0:
             raise ConfigError("train_data yielded no batches this epoch; check the dataset and batch size")
         self.state.epoch = epoch
@@ -429,6 +535,10 @@ class Trainer:
     def _check_losses(self, pending: int, epoch: int, batch: int, bar, loss_sum, correct, count: int) -> None:
         """Check the last ``pending`` losses at once (one host sync) and refresh the bar."""
         window = self._loss_buf[:pending]
+        if self._ddp is not None:  # every rank checks the global losses, so all stop together
+            window, loss_sum, correct, total = self._global(
+                window, loss_sum, correct, torch.tensor(float(count), device=self.device))
+            count = int(total.item())
         finite = torch.isfinite(window)
         ok, mean_loss, n_correct = torch.stack(
             [finite.all().float(), loss_sum.float(), correct.float()]
