@@ -104,9 +104,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         config = load_config(args.config, overrides)
         run = RunDir.for_config(config, args.runs_dir if args.runs_dir is not None else "runs")
+    from . import distributed
+
+    distributed.check_batch_size(config.data.batch_size, "data.batch_size")
     print(f"run directory: {run.path}")
     run_sweep(config, run, progress=not args.no_progress, start_from=start_from)
-    _report(run, print_table=True)
+    distributed.on_main(_report, run, print_table=True)  # rank 0 writes the table and plots
     return 0
 
 
@@ -403,12 +406,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Commands that run under ``torchrun`` (several processes training one model data-parallel).
+DISTRIBUTED_COMMANDS = ("train",)
+
+
+def _torchrun(command: str):
+    """The process group for this command when torchrun started several processes: joined
+    once here and left at the end (see :mod:`secateurs.distributed`). Only rank 0 prints: the
+    other ranks' standard output goes nowhere (their errors still reach standard error)."""
+    import contextlib
+    import os
+
+    from . import distributed
+
+    world = distributed.env_world_size()
+    if world <= 1:
+        return contextlib.nullcontext()
+    if command not in DISTRIBUTED_COMMANDS:
+        raise ConfigError(
+            f"secateurs {command} does not run under torchrun (WORLD_SIZE={world}); only "
+            f"{', '.join(DISTRIBUTED_COMMANDS)} trains data-parallel. Run it as one process: python -m secateurs {command} ..."
+        )
+    stack = contextlib.ExitStack()
+    stack.enter_context(distributed.session())
+    if not distributed.is_main():
+        stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+    return stack
+
+
+def _reports_error(error: BaseException) -> bool:
+    """Under torchrun, whether this rank prints ``error``: rank 0 always; another rank only an
+    error of its own (a bad config, or a failure rank 0 shared, is printed once, by rank 0)."""
+    from . import distributed
+
+    if distributed.env_world_size() <= 1 or distributed.env_rank() == 0:
+        return True
+    return not (isinstance(error, ConfigError) or distributed.raised_on_main(error))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with _torchrun(args.command):
+            return args.func(args)
     except SecateursError as e:
-        print(f"secateurs: error: {e}", file=sys.stderr)
+        if _reports_error(e):
+            print(f"secateurs: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. `secateurs list | head`: the reader left, nothing to report
         import os
