@@ -269,6 +269,8 @@ def test_bad_parameters_are_refused_with_the_known_names():
         SNIP(small_cnn(), sanity_check="shuffle")
     with pytest.raises(ConfigError, match="synflow rounds must be an integer >= 1, got 0"):
         SynFlow(small_cnn(), rounds=0)
+    with pytest.raises(ConfigError, match=r"each synflow input_shape size must be an integer >= 1, got True \(bool\)"):
+        SynFlow(small_cnn(), input_shape=[1, True, 28])
 
 
 # -- sanity checks and resets -----------------------------------------------------------------

@@ -58,7 +58,7 @@ CASES = [
     ("lr 0", [*T, "--sparsity", "0.5", "--set", "train.optimizer.lr=0"], "lr must be a finite number > 0"),
     ("unknown optimizer", [*T, "--sparsity", "0.5", "--set", "train.optimizer.name=lion"], "unknown optimizer 'lion'"),
     ("unknown health", [*T, "--sparsity", "0.5", "--set", "train.health=maybe"], "unknown health"),
-    ("batch size 0", [*T, "--batch-size", "0", "--sparsity", "0.5"], "batch_size must be a positive integer"),
+    ("batch size 0", [*T, "--batch-size", "0", "--sparsity", "0.5"], "batch_size must be an integer >= 1, got 0 (int)"),
     # where and on what
     ("device tpu", [*T, "--sparsity", "0.5", "--device", "tpu"], "not a device"),
     ("runs-dir is a file", [*T, "--sparsity", "0.5", "--runs-dir", "{w}/afile"], "is a file, not a directory"),

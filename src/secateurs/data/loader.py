@@ -6,6 +6,7 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import CheckpointError, ConfigError, DataError
+from ..validate import check_int
 from .transforms import BatchTransform, to_float
 
 
@@ -91,8 +92,7 @@ def _validate(
     transform: BatchTransform | None,
     augment: bool,
 ) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_int(batch_size, "batch_size", minimum=1)
     if len(images) != len(labels):
         raise DataError(f"loader got {len(images)} images but {len(labels)} labels; pass matching splits")
     if len(labels) == 0:

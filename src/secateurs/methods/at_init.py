@@ -170,11 +170,14 @@ class SynFlow(_AtInit):
         self.rounds = _check_count(rounds, "synflow rounds")
         if input_shape is not None:
             shape = tuple(input_shape)
-            if not shape or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
+            if not shape:
                 raise ConfigError(
                     f"synflow input_shape must list the input's sizes without the batch dimension, "
                     f"e.g. [1, 28, 28]; got {input_shape!r}"
                 )
+            for s in shape:
+                check_int(s, "each synflow input_shape size", minimum=1,
+                          hint=f"input_shape lists the input's sizes without the batch dimension, e.g. [1, 28, 28]; got {input_shape!r}")
             input_shape = shape
         self.input_shape = input_shape
         self.tokens = tokens
