@@ -101,7 +101,11 @@ def test_the_benchmark_measures_one_pass_in_process(tmp_path, capsys, impl):
 
     from bench_oneshot import main
 
-    main(["--smoke", "--nsamples", "2", "--seqlen", "16", "--one", impl, "wanda", "2:4", "--masks", str(tmp_path / "m.pt")])
+    threads = torch.get_num_threads()
+    try:  # the benchmark sets its own thread count; the tests after this one keep theirs
+        main(["--smoke", "--nsamples", "2", "--seqlen", "16", "--one", impl, "wanda", "2:4", "--masks", str(tmp_path / "m.pt")])
+    finally:
+        torch.set_num_threads(threads)
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["impl"] == impl and row["method"] == "wanda" and row["pattern"] == "2:4"
     masks = torch.load(tmp_path / "m.pt")

@@ -59,7 +59,8 @@ def _table(summary: dict) -> list:
 
 def test_processes_executor_gives_the_local_table_bit_for_bit(tmp_path):
     _, comparison = _comparison(tmp_path)
-    quiet = dict(progress=False, echo=lambda s: None)
+    # the same torch threads per unit everywhere: floats may differ between thread counts
+    quiet = dict(progress=False, echo=lambda s: None, threads=1)
     local = run_comparison(comparison, tmp_path / "local", executor="local", **quiet)
     pooled = run_comparison(comparison, tmp_path / "pool", executor="processes:2", **quiet)
     assert local["complete"] and pooled["complete"] and not pooled["failed"]
@@ -207,10 +208,10 @@ def test_processes_executor_retries_a_killed_worker_and_resumes(tmp_path):
     _, comparison = _comparison(tmp_path, seeds=[0])
     quiet = dict(progress=False, echo=lambda s: None)
     units = [Unit(u.key, u.config, sweep_killed_once, u.kwargs) for u in comparison_units(comparison)]
-    outcomes = run_units(units, tmp_path / "pool", "processes:2", **quiet)
+    outcomes = run_units(units, tmp_path / "pool", "processes:2", threads=1, **quiet)
     assert [o.status for o in outcomes] == ["finished"] * 3
     assert (tmp_path / "pool" / ".killed-once").is_file()  # it did die once
-    ref = run_units(comparison_units(comparison), tmp_path / "local", "local", **quiet)
+    ref = run_units(comparison_units(comparison), tmp_path / "local", "local", threads=1, **quiet)
     for o, r in zip(outcomes, ref):
         assert o.results["levels"] == r.results["levels"]
     # the retried unit resumed from its epoch-1 checkpoint: its weights are the uninterrupted ones
@@ -230,7 +231,7 @@ def ray_local():
 
 def test_ray_executor_gives_the_local_table_bit_for_bit(tmp_path, ray_local):
     _, comparison = _comparison(tmp_path)
-    quiet = dict(progress=False, echo=lambda s: None)
+    quiet = dict(progress=False, echo=lambda s: None, threads=1)
     local = run_comparison(comparison, tmp_path / "local", executor="local", **quiet)
     rayed = run_comparison(comparison, tmp_path / "ray", executor="ray", **quiet)
     assert rayed["complete"] and not rayed["failed"]
@@ -244,12 +245,12 @@ def test_ray_retries_a_killed_worker_and_the_unit_resumes(tmp_path, ray_local):
     _, comparison = _comparison(tmp_path, seeds=[0])
     quiet = dict(progress=False, echo=lambda s: None)
     units = [Unit(u.key, u.config, sweep_killed_once, u.kwargs) for u in comparison_units(comparison)]
-    outcomes = run_units(units, tmp_path / "ray", "ray", **quiet)
+    outcomes = run_units(units, tmp_path / "ray", "ray", threads=1, **quiet)
     assert [o.status for o in outcomes] == ["finished"] * 3, [o.error for o in outcomes]
     killed = int((tmp_path / "ray" / ".killed-once").read_text())
     gmp = next(o for o in outcomes if o.key == "GMP seed 0")
     assert gmp.pid != killed  # the retry ran in another worker
-    ref = run_units(comparison_units(comparison), tmp_path / "local", "local", **quiet)
+    ref = run_units(comparison_units(comparison), tmp_path / "local", "local", threads=1, **quiet)
     for o, r in zip(outcomes, ref):
         assert o.results["levels"] == r.results["levels"]
     a, b = _weights(tmp_path / "ray", comparison), _weights(tmp_path / "local", comparison)

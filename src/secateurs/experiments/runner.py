@@ -47,8 +47,8 @@ class Unit:
     ``threads``: the torch intra-op threads the unit runs with under every executor (``None``:
     the runner's ``threads``, else the executor's share of the machine: all of it for
     ``local``, cores / N for ``processes:N``, ``cpus`` under Ray). A unit's result is
-    deterministic for a given thread count, but float reductions (convolutions) can differ
-    between thread counts: to compare executors bit for bit, give them the same threads."""
+    deterministic for a given thread count, but float reductions can differ between thread
+    counts: to compare executors bit for bit, give them the same threads."""
 
     key: str
     config: Any
