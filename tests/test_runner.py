@@ -204,20 +204,27 @@ def sweep_killed_once(config, run, *, progress, echo, wait, dataset=None, **kwar
     return run_sweep(config, run, progress=progress, echo=echo, wait=wait, dataset=dataset, **kwargs)
 
 
-def test_processes_executor_retries_a_killed_worker_and_resumes(tmp_path):
+def _killed_once_then_compare(tmp_path, executor: str) -> list:
+    """Run a comparison whose GMP unit's worker is killed after its first epoch, on
+    ``executor``; every unit must finish, with the results and weights of an uninterrupted
+    local run (the retried unit resumed from its epoch-1 checkpoint)."""
     _, comparison = _comparison(tmp_path, seeds=[0])
-    quiet = dict(progress=False, echo=lambda s: None)
+    quiet = dict(progress=False, echo=lambda s: None, threads=1)
     units = [Unit(u.key, u.config, sweep_killed_once, u.kwargs) for u in comparison_units(comparison)]
-    outcomes = run_units(units, tmp_path / "pool", "processes:2", threads=1, **quiet)
-    assert [o.status for o in outcomes] == ["finished"] * 3
-    assert (tmp_path / "pool" / ".killed-once").is_file()  # it did die once
-    ref = run_units(comparison_units(comparison), tmp_path / "local", "local", threads=1, **quiet)
+    outcomes = run_units(units, tmp_path / "cut", executor, **quiet)
+    assert [o.status for o in outcomes] == ["finished"] * 3, [o.error for o in outcomes]
+    assert (tmp_path / "cut" / ".killed-once").is_file()  # it did die once
+    ref = run_units(comparison_units(comparison), tmp_path / "local", "local", **quiet)
     for o, r in zip(outcomes, ref):
         assert o.results["levels"] == r.results["levels"]
-    # the retried unit resumed from its epoch-1 checkpoint: its weights are the uninterrupted ones
-    a, b = _weights(tmp_path / "pool", comparison), _weights(tmp_path / "local", comparison)
+    a, b = _weights(tmp_path / "cut", comparison), _weights(tmp_path / "local", comparison)
     for key in a:
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    return outcomes
+
+
+def test_processes_executor_retries_a_killed_worker_and_resumes(tmp_path):
+    _killed_once_then_compare(tmp_path, "processes:2")
 
 
 @pytest.fixture(scope="module")
@@ -242,20 +249,9 @@ def test_ray_executor_gives_the_local_table_bit_for_bit(tmp_path, ray_local):
 
 
 def test_ray_retries_a_killed_worker_and_the_unit_resumes(tmp_path, ray_local):
-    _, comparison = _comparison(tmp_path, seeds=[0])
-    quiet = dict(progress=False, echo=lambda s: None)
-    units = [Unit(u.key, u.config, sweep_killed_once, u.kwargs) for u in comparison_units(comparison)]
-    outcomes = run_units(units, tmp_path / "ray", "ray", threads=1, **quiet)
-    assert [o.status for o in outcomes] == ["finished"] * 3, [o.error for o in outcomes]
-    killed = int((tmp_path / "ray" / ".killed-once").read_text())
-    gmp = next(o for o in outcomes if o.key == "GMP seed 0")
-    assert gmp.pid != killed  # the retry ran in another worker
-    ref = run_units(comparison_units(comparison), tmp_path / "local", "local", threads=1, **quiet)
-    for o, r in zip(outcomes, ref):
-        assert o.results["levels"] == r.results["levels"]
-    a, b = _weights(tmp_path / "ray", comparison), _weights(tmp_path / "local", comparison)
-    for key in a:
-        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    outcomes = _killed_once_then_compare(tmp_path, "ray")
+    killed = int((tmp_path / "cut" / ".killed-once").read_text())
+    assert next(o for o in outcomes if o.key == "GMP seed 0").pid != killed  # the retry ran in another worker
 
 
 def test_a_unit_that_trains_on_cuda_is_refused_on_a_ray_cluster_without_gpus(tmp_path, ray_local):
