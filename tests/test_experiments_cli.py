@@ -196,7 +196,7 @@ def test_cli_help_and_list(capsys):
                  "regrowth rules (prune.params.regrowth of granet, rigl, set):",
                  "scopes (prune.scope, lottery.scope, lottery.supermask.scope, structured.scope):",
                  "resets (prune.reset, lottery.reset):", "  IMP (lottery.scope, LotteryTicket): uniform, global",
-                 "  secateurs lottery (lottery.reset): rewind, lr_rewind, finetune, linear_decay"):
+                 "  secateurs lottery (lottery.reset): rewind, lr_rewind, finetune, linear_decay, llr, slr, clr, allr"):
         assert line in out.splitlines(), line
     assert "schedules:" not in out and out.count("  linear_decay ") == 1
 

@@ -93,7 +93,15 @@ RESETS = Vocabulary("reset", MappingProxyType({
     "lr_rewind": "the trained weights stay and the learning-rate schedule replays from iteration k (Renda et al. 2020)",
     "finetune": "the trained weights stay and train retrain_epochs at the dense schedule's final learning rate",
     "linear_decay": "the trained weights stay and train retrain_epochs with the learning rate decayed linearly "
-                    "to 0 (Zimmer et al. 2023)",
+                    "to 0 (Zimmer et al. 2023), without warm-up",
+    "llr": "LLR (Zimmer et al. 2023): the trained weights stay; 10% linear warm-up to the dense schedule's largest "
+           "learning rate, then linear decay to 0",
+    "slr": "SLR (Le & Hua 2021): the trained weights stay; 10% warm-up to the largest learning rate, then the dense "
+           "schedule compressed into the rest of the retraining",
+    "clr": "CLR (Le & Hua 2021): the trained weights stay; 10% warm-up to the largest learning rate, then one "
+           "cosine cycle down to the dense schedule's smallest one",
+    "allr": "ALLR (Zimmer et al. 2023): LLR from an adaptive peak, the largest learning rate times the relative "
+            "norm of the pruned weights over sqrt(share pruned), clipped to [retrain/dense epochs, 1] of it",
 }))
 
 #: where each procedure accepts only some of the names, and why
@@ -111,10 +119,11 @@ STRUCTURED_SCOPES = SCOPES.subset(
 SWEEP_RESETS = RESETS.subset(
     "pruning sweeps (prune.reset)", ("keep", "rewind", "reinit"),
     "a sweep's learning rate after pruning is the finetune section's schedule; the lottery's "
-    "lr_rewind / finetune / linear_decay are learning-rate policies of `secateurs lottery`",
+    "lr_rewind / finetune / linear_decay / llr / slr / clr / allr are learning-rate policies of `secateurs lottery`",
 )
 LOTTERY_RESETS = RESETS.subset(
-    "secateurs lottery (lottery.reset)", ("rewind", "lr_rewind", "finetune", "linear_decay"),
+    "secateurs lottery (lottery.reset)",
+    ("rewind", "lr_rewind", "finetune", "linear_decay", "llr", "slr", "clr", "allr"),
     "each names the weights and the learning rate of a round's retraining; keep says nothing about the "
     "learning rate (use finetune or lr_rewind), and a fresh initialisation is a control (lottery.controls: "
     "[reinit])",

@@ -17,7 +17,11 @@ Procedures:
   learning-rate schedule from step k; Renda et al. 2020), ``finetune`` (keep the weights,
   train ``retrain_epochs`` at the schedule's final learning rate) or ``linear_decay`` (keep
   the weights, learning rate decayed linearly to 0 over ``retrain_epochs``; Zimmer et al.
-  2023).
+  2023, without their warm-up), or one of the retraining schedules compared by Zimmer,
+  Spiegel & Pokutta (ICLR 2023, "How I Learned to Stop Worrying and Love Retraining"):
+  ``slr``, ``clr``, ``llr`` and ``allr`` (see :func:`retraining_schedule` for the formulas).
+  ``lottery.budget`` makes it budgeted IMP (BIMP, same paper): a total number of epochs,
+  the dense phase included, split across the rounds by :func:`bimp_epochs`.
 - ``colt`` (Hossain et al. 2023, "cyclic overlapping lottery tickets"): in every round one
   copy of the ticket is trained on each segment of the training data (disjoint class groups
   or random parts), each copy is pruned at the rate and the next mask keeps only the weights
@@ -35,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from ..allocation import check_sparsity
@@ -58,6 +63,96 @@ from ..analysis.report import mean_std
 
 PROCEDURES = ("imp", "colt")
 SPLITS = ("classes", "random")
+#: resets that keep the trained weights and retrain for a number of epochs with their own schedule
+RETRAIN_RESETS = ("finetune", "linear_decay", "llr", "slr", "clr", "allr")
+#: the share of a retraining spent warming up in SLR, CLR, LLR and ALLR (Zimmer et al. 2023: 10 %)
+WARMUP_SHARE = 0.1
+
+
+def bimp_epochs(budget: int, dense_epochs: int, rounds: int) -> list[int]:
+    """Budgeted IMP's epochs per round (Zimmer, Spiegel & Pokutta, ICLR 2023): of a total
+    ``budget`` of epochs, the dense phase (round 0) trains ``dense_epochs``; the remaining
+    ``R = budget - dense_epochs`` are split evenly across the ``rounds`` prune-retrain cycles,
+    ``floor(R / rounds)`` each, and the last round also takes the remainder
+    ``R - rounds * floor(R / rounds)`` (as the authors' code, ZIB-IOL/BIMP, splits
+    ``n_epochs_to_split``). Returns ``[dense_epochs, e_1, ..., e_rounds]``, summing to ``budget``.
+    Every round needs at least one epoch, so ``budget >= dense_epochs + rounds``."""
+    check_int(budget, "lottery.budget", minimum=1, hint="total epochs of BIMP, the dense phase included")
+    check_int(rounds, "lottery.rounds", minimum=1, hint="BIMP splits its budget across at least one pruning round")
+    left = budget - dense_epochs
+    if left < rounds:
+        raise ConfigError(
+            f"lottery.budget={budget} epochs cannot fit {rounds} pruning round(s) after the {dense_epochs}-epoch dense "
+            f"phase (train.epochs): that leaves {left} epoch(s), and each round retrains at least 1. Raise "
+            f"lottery.budget to at least {dense_epochs + rounds}, shorten train.epochs or use fewer lottery.rounds"
+        )
+    each = left // rounds
+    return [dense_epochs] + [each] * (rounds - 1) + [left - each * (rounds - 1)]
+
+
+def allr_lr(max_lr: float, norm_drop: float, pruned_share: float, retrain_epochs: int, dense_epochs: int) -> float:
+    """ALLR's initial (after warm-up) learning rate (Zimmer, Spiegel & Pokutta, ICLR 2023):
+
+    ``eta = clip(max_lr * d / sqrt(s), min(retrain_epochs / dense_epochs, 1) * max_lr, max_lr)``
+
+    with ``d = ||theta - theta_pruned|| / ||theta||`` the relative L2 norm of the weights the
+    round removed (over all parameters), and ``s`` the share of the remaining prunable weights
+    the round removed. Were the removed weights as large as the kept ones, ``d = sqrt(s)`` and
+    ALLR starts at ``max_lr`` (LLR); magnitude pruning removes small weights, so ``d < sqrt(s)``
+    and the restart is gentler, but never below the budget's share of ``max_lr``."""
+    scale = norm_drop / math.sqrt(pruned_share) if pruned_share > 0 else 0.0
+    floor = min(retrain_epochs / dense_epochs, 1.0) * max_lr if dense_epochs > 0 else max_lr
+    return min(max(scale * max_lr, floor), max_lr)
+
+
+def retraining_schedule(reset: str, dense_lrs: Sequence[float], dense_warmup_steps: int, epochs: int,
+                        steps_per_epoch: int, lr: float | None = None) -> tuple[float, dict, Callable[[int], float] | None]:
+    """The learning rate of a retraining of ``epochs`` epochs after pruning, as
+    ``(peak_lr, lr_schedule, factor)``: the optimizer's learning rate, the library schedule
+    (:data:`~secateurs.train.optim.LR_SCHEDULES`) that multiplies it, and for SLR a per-step
+    factor that replaces that schedule. ``dense_lrs`` are the dense phase's learning rates per
+    step (``T`` steps), ``max_lr`` their maximum and ``min_lr`` their minimum after the dense
+    warm-up. With ``N = epochs * steps_per_epoch`` steps, a warm-up of
+    ``W = round(0.1 * N)`` steps (the library's linear ramp ``(t + 1) / W``; the authors' code
+    ramps along a half cosine from 0) and ``R = N - W``, Zimmer, Spiegel & Pokutta (ICLR 2023)
+    define, at step ``t >= W`` with ``j = t - W``:
+
+    - ``slr`` (Scaled Learning-rate Restarting, Le & Hua 2021): the dense schedule compressed
+      to ``R`` steps, its warm-up replaced by ``max_lr``: ``eta_t = dense'[floor(j * T / R)]``
+      where ``dense'[i] = max_lr`` for ``i`` in the dense warm-up, else ``dense_lrs[i]``;
+    - ``clr`` (Cyclic Learning-rate Restarting, Le & Hua 2021): one cosine cycle from
+      ``max_lr`` to ``min_lr``: ``eta_t = min_lr + (max_lr - min_lr) * (1 + cos(pi * j / R)) / 2``
+      (the library's ``cosine`` schedule with ``min_lr`` and warm-up);
+    - ``llr`` (Linear Learning-rate Restarting): ``eta_t = max_lr * (1 - j / R)`` (the
+      library's ``linear`` schedule with warm-up);
+    - ``allr`` (Adaptive LLR, the paper's proposal): LLR from ``lr`` (:func:`allr_lr`) instead
+      of ``max_lr``.
+
+    During the warm-up, ``eta_t = peak * (t + 1) / W``. ``finetune`` and ``linear_decay``
+    (no warm-up) are handled by the caller."""
+    n = epochs * steps_per_epoch
+    warmup_epochs = WARMUP_SHARE * epochs
+    max_lr = max(dense_lrs)
+    if reset == "slr":
+        total, warm = len(dense_lrs), int(round(warmup_epochs * steps_per_epoch))
+        span = max(1, n - warm)
+        scaled = [1.0 if i < dense_warmup_steps else v / max_lr for i, v in enumerate(dense_lrs)]
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            return scaled[min(total - 1, (step - warm) * total // span)]
+
+        return max_lr, {"name": "constant", "warmup_epochs": warmup_epochs}, factor
+    if reset == "clr":
+        min_lr = min(dense_lrs[dense_warmup_steps:] or dense_lrs)
+        return max_lr, {"name": "cosine", "warmup_epochs": warmup_epochs, "min_lr": min_lr}, None
+    if reset in ("llr", "allr"):
+        peak = max_lr if reset == "llr" else lr
+        if peak is None:
+            raise ValueError("retraining_schedule: allr needs its initial learning rate (allr_lr)")
+        return peak, {"name": "linear", "warmup_epochs": warmup_epochs}, None
+    raise ValueError(f"retraining_schedule: {reset!r} is not one of slr, clr, llr, allr")
 
 
 @dataclass(frozen=True)
@@ -97,6 +192,7 @@ class LotterySettings:
     init: str = "original"
     reinit_distribution: str = "reset_parameters"
     retrain_epochs: int | None = None
+    budget: int | None = None
     controls: tuple[str, ...] = ()
     segments: int = 2
     split: str = "classes"
@@ -118,8 +214,21 @@ class LotterySettings:
         for c in self.controls:
             KEPT_INITS.get(c)
         check_int(self.rounds, "lottery.rounds", minimum=0, hint="pruning rounds after the dense one")
-        if self.reset in ("finetune", "linear_decay") and not self.retrain_epochs:
-            raise ConfigError(f"lottery.reset={self.reset!r} trains each round for retrain_epochs; set lottery.retrain_epochs")
+        if self.budget is not None:
+            check_int(self.budget, "lottery.budget", minimum=1, hint="total epochs of BIMP, the dense phase included")
+            if self.reset not in RETRAIN_RESETS:
+                raise ConfigError(
+                    f"lottery.budget splits epochs across retrainings, but lottery.reset={self.reset!r} replays the dense "
+                    f"schedule; use one of {', '.join(RETRAIN_RESETS)} (BIMP uses allr or llr), or drop lottery.budget"
+                )
+            if self.retrain_epochs is not None:
+                raise ConfigError(
+                    "lottery.budget and lottery.retrain_epochs both set each round's epochs; keep one (budget: BIMP's "
+                    "split of a total, retrain_epochs: the same epochs every round)"
+                )
+        elif self.reset in RETRAIN_RESETS and not self.retrain_epochs:
+            raise ConfigError(f"lottery.reset={self.reset!r} trains each round for retrain_epochs; set "
+                              "lottery.retrain_epochs (or lottery.budget for budgeted IMP)")
         if self.procedure == "colt":
             if self.segments < 2:
                 raise ConfigError(f"lottery.segments must be >= 2 for COLT (one ticket per data segment), got {self.segments}")
@@ -142,6 +251,10 @@ class LotteryConfig(HashedConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     train: PhaseConfig = field(default_factory=PhaseConfig)
     lottery: LotterySettings = field(default_factory=LotterySettings)
+
+    def __post_init__(self) -> None:
+        if self.lottery.budget is not None:  # refuse a budget the rounds cannot fit before any training
+            bimp_epochs(self.lottery.budget, self.train.epochs, self.lottery.rounds)
 
 
 def load_lottery_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> LotteryConfig:
@@ -246,11 +359,54 @@ class _Lottery:
             return base, 0
         if reset in ("rewind", "lr_rewind"):
             return base, self.rewind_step
+        epochs = self._retrain_epochs(r)
         if reset == "finetune":
             lr = self._final_lr()
-            return replace(base, epochs=self.lt.retrain_epochs, optimizer=replace(phase.optimizer, lr=lr),
+            return replace(base, epochs=epochs, optimizer=replace(phase.optimizer, lr=lr),
                            lr_schedule={"name": "constant"}), 0
-        return replace(base, epochs=self.lt.retrain_epochs, lr_schedule={"name": "linear"}), 0
+        if reset == "linear_decay":
+            return replace(base, epochs=epochs, lr_schedule={"name": "linear"}), 0
+        peak, schedule, _ = self._retraining(r)
+        return replace(base, epochs=epochs, optimizer=replace(phase.optimizer, lr=peak), lr_schedule=schedule), 0
+
+    def _retrain_epochs(self, r: int) -> int:
+        """Epochs of round r >= 1's retraining: BIMP's share of the budget, else retrain_epochs."""
+        if self.lt.budget is not None:
+            return bimp_epochs(self.lt.budget, self.config.train.epochs, self.lt.rounds)[r]
+        return self.lt.retrain_epochs
+
+    def _dense_lrs(self) -> list[float]:
+        """The dense phase's learning rate at each of its steps (the schedule of ``train``)."""
+        if not hasattr(self, "_dense_lr_list"):
+            phase = self.config.train
+            opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=phase.optimizer.lr)
+            factor = build_lr_schedule(opt, phase.lr_schedule, self.steps_per_epoch, phase.epochs).lr_lambdas[0]
+            self._dense_lr_list = [phase.optimizer.lr * factor(t) for t in range(max(1, self.total_steps))]
+        return self._dense_lr_list
+
+    def _retraining(self, r: int) -> tuple[float, dict, Callable[[int], float] | None]:
+        """Round r's SLR / CLR / LLR / ALLR schedule (:func:`retraining_schedule`)."""
+        phase = self.config.train
+        warm = int(round(phase.lr_schedule.warmup_epochs * self.steps_per_epoch))
+        lr = self._allr(r)["lr"] if self.lt.reset == "allr" else None
+        return retraining_schedule(self.lt.reset, self._dense_lrs(), warm, self._retrain_epochs(r),
+                                   self.steps_per_epoch, lr)
+
+    def _allr(self, r: int) -> dict:
+        """ALLR's inputs and initial learning rate for round r, from round r-1's trained
+        network and round r's pruned start (both on disk, so a resumed run gets the same)."""
+        cache = self.__dict__.setdefault("_allr_cache", {})
+        if r not in cache:
+            trained, before = self._load(self._path(f"round-{r - 1:02d}"))
+            pruned, after = self._load(self._path(f"round-{r:02d}-start"))
+            full = sum(float(p.detach().double().pow(2).sum()) for p in trained.parameters())
+            kept = sum(float(p.detach().double().pow(2).sum()) for p in pruned.parameters())
+            drop = math.sqrt(abs(full - kept)) / math.sqrt(full) if full > 0 else 0.0
+            active_before, active_after = sum(before.masks.active().values()), sum(after.masks.active().values())
+            share = 1.0 - active_after / active_before if active_before else 0.0
+            lr = allr_lr(max(self._dense_lrs()), drop, share, self._retrain_epochs(r), self.config.train.epochs)
+            cache[r] = {"relative_norm_drop": drop, "pruned_share": share, "lr": lr}
+        return cache[r]
 
     def _final_lr(self) -> float:
         """The learning rate at the last step of the dense schedule (fine-tuning's rate)."""
@@ -295,6 +451,9 @@ class _Lottery:
             eval_data=self.data.test, val_data=self.data.val, checkpoint_path=path, callbacks=[log],
             start_step=start_step, progress=self.progress, progress_desc=desc,
         )
+        if r > 0 and self.lt.reset == "slr":  # the compressed dense schedule is no library schedule: a LambdaLR of its own
+            factor = self._retraining(r)[2]
+            trainer.lr_schedule = LambdaLR(optimizer, [factor] * len(optimizer.param_groups))
         if trainer.resume():
             self.echo(f"resumed {name} at epoch {trainer.state.epoch}/{cfg.epochs}")
         started = time.perf_counter()
@@ -363,6 +522,14 @@ class _Lottery:
         if r > 0:
             previous = self._load(self._path(f"round-{r - 1:02d}-start"))[1].masks.masks
             record["iou_with_previous"] = mask_iou(previous, ticket.masks.masks)["iou"]
+        if r > 0 and lt.reset in RETRAIN_RESETS:
+            cfg, _ = self._schedule(r)
+            record["retrain"] = {"epochs": cfg.epochs, "lr": cfg.optimizer.lr, "lr_schedule": cfg.lr_schedule.name,
+                                 "warmup_epochs": cfg.lr_schedule.warmup_epochs}
+            if lt.reset == "allr":
+                record["retrain"].update(self._allr(r))
+            if lt.reset == "slr":
+                record["retrain"]["lr_schedule"] = "slr"
         record["ticket"] = self._train(f"round-{r:02d}", r, start, f"{tag} ticket")
         if lt.procedure == "colt" and r < lt.rounds:
             segments = {}
