@@ -226,3 +226,47 @@ def parse_duration(
         raise ConfigError(f"{what} must not be negative, got {value!r}")
     return steps
 
+
+
+def geometric_temperature(step: int, initial: float, final: float, start: int, end: int) -> float:
+    """Temperature cooled geometrically (log-linearly) from ``initial`` at ``start`` to
+    ``final`` at ``end``: ``T_t = T_0 (T_f / T_0)^((t - t0) / (tf - t0))``, clamped to ``T_0``
+    before ``t0`` and ``T_f`` after ``tf`` (simulated annealing's exponential cooling; Gibbs
+    pruning raises the inverse temperature along a log-spaced grid, ``logspace(0, 4)``)."""
+    if step <= start:
+        return initial
+    if step >= end:
+        return final
+    progress = (step - start) / (end - start)
+    return initial * (final / initial) ** progress
+
+
+@dataclass(frozen=True)
+class GeometricCooling:
+    """An annealing schedule for methods that sample from a temperature-``T`` distribution
+    (Gibbs pruning): :func:`geometric_temperature` from ``initial`` to ``final`` between steps
+    ``start`` and ``end``. The schedule must cool: ``0 < final < initial``."""
+
+    initial: float
+    final: float
+    start: int
+    end: int
+
+    def __post_init__(self) -> None:
+        from .validate import check_number
+
+        for what, value in (("initial temperature", self.initial), ("final temperature", self.final)):
+            check_number(value, what, above=0.0, finite=True, hint="temperatures are positive, e.g. initial=1.0, final=1e-3")
+        if self.final >= self.initial:
+            raise ConfigError(
+                f"the temperature schedule never cools: final temperature {self.final:g} >= initial {self.initial:g}, "
+                "so the masks would stay random and never settle on the Hamiltonian's minimum; give a final temperature "
+                f"below the initial one, e.g. initial={self.initial:g}, final={self.initial * 1e-3:g}"
+            )
+        _check_step(self.start, "start")
+        _check_step(self.end, "end")
+        if self.end <= self.start:
+            raise ConfigError(f"temperature schedule needs start < end, got start={self.start}, end={self.end}")
+
+    def temperature_at(self, step: int) -> float:
+        return geometric_temperature(step, self.initial, self.final, self.start, self.end)

@@ -5,10 +5,11 @@
 from .at_init import SNIP, GraSP, RandomInit, SynFlow
 from .base import Sparsifier
 from .during import CTRE, GMP, SET, GraNet, RigL
+from .gibbs import GibbsPruning
 from .lottery import LotteryTicket, criterion_masks
 from .magnitude import Magnitude, Random
 from .nm import NMSparsifier
 from .registry import METHODS
 from .supermask import Supermask
 
-__all__ = ["Sparsifier", "Magnitude", "Random", "GMP", "SET", "RigL", "GraNet", "CTRE", "SNIP", "GraSP", "SynFlow", "RandomInit", "LotteryTicket", "criterion_masks", "Supermask", "NMSparsifier", "METHODS"]
+__all__ = ["Sparsifier", "Magnitude", "Random", "GMP", "SET", "RigL", "GraNet", "CTRE", "GibbsPruning", "SNIP", "GraSP", "SynFlow", "RandomInit", "LotteryTicket", "criterion_masks", "Supermask", "NMSparsifier", "METHODS"]
