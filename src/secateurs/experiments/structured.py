@@ -42,7 +42,7 @@ import torch.nn as nn
 from ..data import ImageDataset
 from ..errors import CheckpointError, ConfigError, UnknownNameError
 from ..structured import (
-    IMPORTANCE, build_graph, load_compact, model_cost, plan_removal, prune_to_flops, remove_units,
+    IMPORTANCE, ISpaSP, build_graph, load_compact, model_cost, plan_for, prune_to_flops, remove_units,
     save_compact, taylor_importance,
 )
 from ..validate import check_int, check_number
@@ -57,8 +57,8 @@ __all__ = [
     "measure_latency", "format_structured", "IMPORTANCES",
 ]
 
-#: ``taylor`` needs data, so it is not in the structured IMPORTANCE registry itself.
-IMPORTANCES: tuple[str, ...] = (*IMPORTANCE.names(), "taylor", "taylor2")
+#: ``taylor`` and ``ispasp`` need data, so they are not in the structured IMPORTANCE registry itself.
+IMPORTANCES: tuple[str, ...] = (*IMPORTANCE.names(), "taylor", "taylor2", "ispasp")
 LATENCY_BATCHES = (1, 64)
 LATENCY_THREADS = 2
 LATENCY_NOTE = (
@@ -74,10 +74,11 @@ class StructuredSettings:
     MACs), each reached in ``steps`` prune-and-fine-tune steps."""
 
     flops_removed: tuple[float, ...] = (0.5,)
-    importance: str = "l1"  # l1, bn_scale, taylor (first order) or taylor2 (second order)
+    importance: str = "l1"  # l1, bn_scale, taylor (first order), taylor2 (second order) or ispasp
     scope: str = "uniform"  # or "global"; "layerwise" is read as "uniform"
     steps: int = 1
-    taylor_batches: int = 10
+    taylor_batches: int = 10  # probe batches read by the data-driven criteria (taylor, taylor2, ispasp)
+    ispasp_iterations: int = 20
     exclude: tuple[str, ...] = ()
     min_channels: int = 1
     latency_repeats: int = 15  # 0: skip the latency measurement
@@ -90,11 +91,16 @@ class StructuredSettings:
                 f"unknown structured.importance {self.importance!r}; known: {', '.join(IMPORTANCES)}"
             )
         object.__setattr__(self, "scope", STRUCTURED_SCOPES.check(self.scope, "structured.scope"))
+        if self.importance == "ispasp" and self.scope == "global":
+            raise ConfigError(
+                "structured.importance ispasp selects a set of a given size in each group, so it cannot "
+                "rank channels across groups; set structured.scope: uniform"
+            )
         for f in self.flops_removed:
             check_number(f, "structured.flops_removed", above=0.0, below=1.0, hint="each is a share of the dense MACs to remove")
         if len({_phase(f) for f in self.flops_removed}) != len(self.flops_removed):
             raise ConfigError(f"structured.flops_removed {list(self.flops_removed)} repeats a level")
-        for name in ("steps", "taylor_batches", "min_channels", "latency_threads"):
+        for name in ("steps", "taylor_batches", "ispasp_iterations", "min_channels", "latency_threads"):
             value = getattr(self, name)
             check_int(value, f"structured.{name}", minimum=1)
         check_int(self.latency_repeats, "structured.latency_repeats", minimum=0)
@@ -194,7 +200,10 @@ class _Structured:
                 **self._cost(model), "compact": self._export(model, "dense")}
 
     # -- one level ------------------------------------------------------------------------------
-    def _scores(self, model: nn.Module, graph) -> dict:
+    def _scores(self, model: nn.Module, graph):
+        if self.s.importance == "ispasp":  # i-SpaSP selects per removal count: scored inside plan_for
+            return ISpaSP(list(itertools.islice(self.data.probe(), self.s.taylor_batches)),
+                          iterations=self.s.ispasp_iterations)
         if self.s.importance not in ("taylor", "taylor2"):
             return IMPORTANCE.get(self.s.importance)(model, graph)
         was_training = model.training
@@ -217,7 +226,7 @@ class _Structured:
             model, self.example, fraction, importance=scores, exclude=self.s.exclude,
             min_channels=self.s.min_channels, scope=self.s.scope,
         )
-        return plan_removal(graph, scores, ratio, self.s.scope, self.s.min_channels), ratio
+        return plan_for(model, graph, scores, ratio, self.s.scope, self.s.min_channels), ratio
 
     def level(self, index: int, target: float, dense: dict) -> dict:
         s, config = self.s, self.config

@@ -9,13 +9,15 @@ from __future__ import annotations
 from .cost import Cost, model_cost
 from .export import load_compact, save_compact
 from .graph import DependencyGraph, Group, Slice, build_graph, build_groups
-from .importance import IMPORTANCE, bn_scale_importance, l1_importance, taylor_importance
-from .prune import compact_zero_channels, plan_removal, prune_channels, prune_to_flops, zero_units
+from .importance import IMPORTANCE, SelectionImportance, bn_scale_importance, l1_importance, taylor_importance
+from .ispasp import ISpaSP, ISpaSPSelection, ispasp_select
+from .prune import compact_zero_channels, plan_for, plan_removal, prune_channels, prune_to_flops, zero_units
 from .rebuild import remove_units
 
 __all__ = [
     "Cost", "model_cost", "save_compact", "load_compact", "DependencyGraph", "Group", "Slice",
     "build_graph", "build_groups", "IMPORTANCE", "l1_importance", "bn_scale_importance",
     "taylor_importance", "plan_removal", "prune_channels", "prune_to_flops",
-    "compact_zero_channels", "zero_units", "remove_units",
+    "compact_zero_channels", "zero_units", "remove_units", "SelectionImportance", "ISpaSP",
+    "ISpaSPSelection", "ispasp_select", "plan_for",
 ]

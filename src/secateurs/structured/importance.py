@@ -18,6 +18,7 @@ Every criterion reads the slices a group owns, so a channel shared by several la
 """
 from __future__ import annotations
 
+import abc
 from typing import Callable, Iterable, Mapping
 
 import torch
@@ -28,12 +29,33 @@ from ..outputs import batch_pass, call_model, split_batch, task_loss
 from ..registry import Registry
 from .graph import DependencyGraph, Group
 
-__all__ = ["IMPORTANCE", "l1_importance", "bn_scale_importance", "taylor_importance", "resolve_scores"]
+__all__ = [
+    "IMPORTANCE", "l1_importance", "bn_scale_importance", "taylor_importance", "resolve_scores",
+    "SelectionImportance", "NEEDS_DATA",
+]
 
 Scores = dict[str, torch.Tensor]
 IMPORTANCE: Registry[Callable[[nn.Module, DependencyGraph], Scores]] = Registry("structured importance")
 
 _PRODUCER_ROLES = ("out", "depthwise")
+
+#: Criteria that need data, by name: what to pass instead of the bare name.
+NEEDS_DATA = {
+    "taylor": "pass importance=taylor_importance(model, graph, batches) scores",
+    "ispasp": "pass importance=ISpaSP(batches) (secateurs.structured.ISpaSP) with an iterable of (inputs, targets) batches",
+}
+
+
+class SelectionImportance(abc.ABC):
+    """An importance whose scores depend on how many units each group keeps: a criterion that
+    *selects a set* of a given size (e.g. i-SpaSP's sparse recovery) rather than ranking units
+    once. :func:`~secateurs.structured.prune.plan_for` asks it for scores at each removal count
+    (``prune_to_flops`` does so for every bisection step); the ``n`` lowest-scoring units of a
+    group must be the ``n`` it would remove."""
+
+    @abc.abstractmethod
+    def scores_for(self, model: nn.Module, graph: DependencyGraph, remove: Mapping[str, int]) -> Scores:
+        """Scores per prunable group for removing ``remove[g]`` units of group ``g`` (absent: 0)."""
 
 
 def _mean_over_slices(group: Group, per_slice: Mapping[int, torch.Tensor]) -> torch.Tensor:
@@ -155,6 +177,13 @@ def taylor_importance(
 
 def resolve_scores(model: nn.Module, graph: DependencyGraph, importance) -> Scores:
     """Scores from a registered name, a callable ``(model, graph) -> scores`` or a mapping."""
+    if isinstance(importance, SelectionImportance):
+        raise ConfigError(
+            f"{type(importance).__name__} chooses units for a given removal count, so it has no fixed "
+            "scores; use plan_for / prune_channels / prune_to_flops, which ask it per count"
+        )
+    if isinstance(importance, str) and importance in NEEDS_DATA and importance not in IMPORTANCE:
+        raise ConfigError(f"importance {importance!r} needs data: {NEEDS_DATA[importance]}")
     if isinstance(importance, str):
         scores = IMPORTANCE.get(importance)(model, graph)
     elif callable(importance):

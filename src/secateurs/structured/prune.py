@@ -18,14 +18,14 @@ from ..errors import ConfigError
 from ..validate import check_int, check_number
 from .cost import model_cost
 from .graph import DependencyGraph, Group, build_graph
-from .importance import Scores, resolve_scores
+from .importance import Scores, SelectionImportance, resolve_scores
 from .rebuild import remove_units
 from ..vocabulary import STRUCTURED_SCOPES
 
-__all__ = ["plan_removal", "prune_channels", "compact_zero_channels", "prune_to_flops"]
+__all__ = ["plan_removal", "plan_for", "prune_channels", "compact_zero_channels", "prune_to_flops"]
 
 Amount = Union[float, Mapping[str, int]]
-Importance = Union[str, Mapping[str, torch.Tensor], Callable[[nn.Module, DependencyGraph], Scores]]
+Importance = Union[str, Mapping[str, torch.Tensor], Callable[[nn.Module, DependencyGraph], Scores], SelectionImportance]
 SCOPES = STRUCTURED_SCOPES  # the subset of :data:`secateurs.vocabulary.SCOPES` channel pruning takes
 
 
@@ -143,6 +143,35 @@ def plan_removal(
     return plan
 
 
+def plan_for(
+    model: nn.Module,
+    graph: DependencyGraph,
+    importance: Importance,
+    amount: Amount,
+    scope: str = "uniform",
+    min_channels: int = 1,
+) -> dict[str, list[int]]:
+    """:func:`plan_removal` with the scores of ``importance`` (a name, callable, mapping, or a
+    :class:`SelectionImportance`, which is asked for the scores of exactly these removal counts:
+    ``floor(amount * units)`` per group, or the mapping's counts)."""
+    if not isinstance(importance, SelectionImportance):
+        return plan_removal(graph, resolve_scores(model, graph, importance), amount, scope, min_channels)
+    scope = STRUCTURED_SCOPES.check(scope, "scope")
+    if isinstance(amount, Mapping):
+        counts = {k: int(v) for k, v in amount.items()}
+    else:
+        if scope == "global":
+            raise ConfigError(
+                f"{type(importance).__name__} selects a set of a given size per group, so it has no "
+                "scores to rank across groups; use scope='uniform' or pass {group: n_remove}"
+            )
+        ratio = _check_ratio(amount)
+        counts = {g.name: math.floor(ratio * g.units + 1e-9) for g in graph.prunable}
+    scores = importance.scores_for(model, graph, {k: v for k, v in counts.items() if v})
+    scores = resolve_scores(model, graph, scores)
+    return plan_removal(graph, scores, amount, scope, min_channels)
+
+
 def prune_channels(
     model: nn.Module,
     example_input: torch.Tensor,
@@ -157,13 +186,13 @@ def prune_channels(
 
     ``amount``: share of channels per group in [0, 1) or ``{group name: n_remove}`` (names
     from :func:`build_groups`); ``importance``: ``"l1"``, ``"bn_scale"``, a callable
-    ``(model, graph) -> {group: scores}`` or precomputed scores (e.g. ``taylor_importance``).
+    ``(model, graph) -> {group: scores}``, precomputed scores (e.g. ``taylor_importance``) or
+    a :class:`SelectionImportance` such as ``ISpaSP(batches)``.
     The copy keeps the model's class and module names; only a module that pads channels
     (option-A shortcut) becomes an fx ``GraphModule`` with the new pad amounts.
     """
     graph = build_graph(model, example_input, exclude)
-    scores = resolve_scores(model, graph, importance)
-    return remove_units(model, graph, plan_removal(graph, scores, amount, scope, min_channels))
+    return remove_units(model, graph, plan_for(model, graph, importance, amount, scope, min_channels))
 
 
 def _is_zero(t: torch.Tensor | None, idx: Sequence[int]) -> bool:
@@ -229,11 +258,12 @@ def prune_to_flops(
     if not 0.0 <= flops_fraction_removed < 1.0:
         raise ConfigError(f"flops_fraction_removed must be in [0, 1), got {flops_fraction_removed!r}")
     graph = build_graph(model, example_input, exclude)
-    scores = resolve_scores(model, graph, importance)
+    if not isinstance(importance, SelectionImportance):
+        importance = resolve_scores(model, graph, importance)  # score once, plan per ratio
     dense = model_cost(model, example_input).macs
 
     def attempt(ratio: float) -> tuple[nn.Module, float]:
-        pruned = remove_units(model, graph, plan_removal(graph, scores, ratio, scope, min_channels))
+        pruned = remove_units(model, graph, plan_for(model, graph, importance, ratio, scope, min_channels))
         return pruned, 1.0 - model_cost(pruned, example_input).macs / dense
 
     hi = 1.0 - 1e-9
