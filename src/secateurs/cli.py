@@ -391,6 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
     one.add_argument("--dampening", type=float, default=0.01, help="SparseGPT Hessian dampening (default 0.01)")
     one.add_argument("--precision", default="float64", choices=["float64", "float32"],
                      help="calibration statistics and SparseGPT solve (float32: half the memory; default float64)")
+    one.add_argument("--allocation", default="uniform", choices=["uniform", "owl"],
+                     help="sparsity per block: uniform, or owl (outlier-weighed: blocks with more outliers keep more)")
+    one.add_argument("--owl-lambda", type=float, default=0.08, help="OWL: the spread of block sparsities (default 0.08)")
+    one.add_argument("--owl-m", type=float, default=5.0, help="OWL: a score is an outlier above M x its block's mean (default 5)")
     one.add_argument("--blocks", help="module path of the model's block list (default: found)")
     one.add_argument("--seed", type=int, default=0)
     one.add_argument("--runs-dir", default="runs", help="where run directories are created (default: runs)")

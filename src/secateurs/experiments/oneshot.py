@@ -77,6 +77,9 @@ class OneShotConfig(HashedConfig):
     precision: str = "float64"
     blocks: Optional[str] = None
     seed: int = 0
+    allocation: str = "uniform"
+    owl_lambda: float = 0.08
+    owl_m: float = 5.0
 
 
 def _parse_nm(value: Optional[str]) -> Optional[tuple[int, int]]:
@@ -119,6 +122,7 @@ def run_oneshot(args) -> dict:
         sparsity=sparsity, nm=args.nm, text=args.text,
         calib=args.calib, eval=args.eval, nsamples=args.nsamples, seqlen=args.seqlen, group=group,
         dampening=args.dampening, blocks=args.blocks, seed=args.seed, precision=args.precision,
+        allocation=args.allocation, owl_lambda=args.owl_lambda, owl_m=args.owl_m,
     )
     run = RunDir.for_config(config, args.runs_dir)
     if run.results().get("complete"):
@@ -143,6 +147,7 @@ def run_oneshot(args) -> dict:
         t0 = time.perf_counter()
         result = prune_oneshot(model, samples, args.method, config.sparsity, nm=nm, group=group,
                                blocks=args.blocks, dampening=args.dampening, precision=args.precision,
+                               allocation=args.allocation, owl_lambda=args.owl_lambda, owl_m=args.owl_m,
                                state_path=str(run.path / "state.pt"),
                                progress=not args.no_progress)
         seconds = time.perf_counter() - t0
@@ -153,6 +158,8 @@ def run_oneshot(args) -> dict:
             "method": args.method, "pattern": args.nm or f"{sparsity:.0%}", "sparsity": result.sparsity,
             "nsamples": args.nsamples, "perplexity_dense": before, "perplexity_pruned": after,
             "prune_seconds": seconds, "blocks": len(result.blocks), "eval_tokens": int(eval_ids.numel()),
+            "allocation": args.allocation if args.allocation == "uniform" else
+            f"owl (lambda {args.owl_lambda:g}, M {args.owl_m:g}): " + " ".join(f"{x:.3f}" for x in result.block_sparsity),
         }
         table = io.StringIO()
         writer = csv.DictWriter(table, fieldnames=list(row))

@@ -47,7 +47,7 @@ from ..masks import unwrap_model
 from ..outputs import call_model, logits_of
 from ..registry import Registry
 from ..selection import topk_mask
-from ..validate import check_int
+from ..validate import check_int, check_number
 
 __all__ = [
     "METHODS_ONESHOT", "ONESHOT_SCORES", "ScoreContext", "LayerStats", "wanda_scores", "ria_scores",
@@ -390,6 +390,7 @@ class OneShotResult:
     blocks: list[str]
     sparsity: float
     seconds_per_block: list[float]
+    block_sparsity: list[float] | None = None  # each block's target, under allocation="owl"
 
 
 def _save_state(path: str, state: dict) -> None:
@@ -413,6 +414,9 @@ def prune_oneshot(
     blocksize: int = 128,
     state_path: str | None = None,
     precision: str = "float64",
+    allocation: str = "uniform",
+    owl_lambda: float = 0.08,
+    owl_m: float = 5.0,
     progress: bool = False,
     on_block: Callable[[int], None] | None = None,
 ) -> OneShotResult:
@@ -430,6 +434,9 @@ def prune_oneshot(
     host copy of the pruned layers' weights for that file; without ``state_path`` none is kept.
     ``precision``: "float64" (default) or "float32" for the calibration statistics and
     SparseGPT's solve; float32 halves the Hessians, as the reference code does.
+    ``allocation``: "uniform" (every block at ``sparsity``) or "owl" (Yin et al. 2024,
+    outlier-weighed layerwise sparsity: blocks with more outliers keep more weights; see
+    :func:`owl_block_sparsity`, with ``owl_lambda`` and ``owl_m``).
     """
     if method not in METHODS_ONESHOT:
         raise ConfigError(f"unknown one-shot method {method!r}; known: {', '.join(METHODS_ONESHOT)}")
@@ -456,6 +463,16 @@ def prune_oneshot(
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if group not in ("row", "tensor"):
         raise ConfigError(f"group must be 'row' or 'tensor', got {group!r}")
+    if allocation not in ALLOCATIONS:
+        raise ConfigError(f"unknown allocation {allocation!r}; known: {', '.join(ALLOCATIONS)}")
+    if allocation == "owl":
+        if nm is not None:
+            raise ConfigError(
+                "allocation='owl' gives every block its own unstructured sparsity; with nm=(N, M) every block has the "
+                "pattern's sparsity, so there is nothing to allocate. Drop one of them (mixed N:M per block is not built)"
+            )
+        check_number(owl_lambda, "owl_lambda", above=0, below=1, hint="OWL's paper uses 0.02-0.2 (0.08 default)")
+        check_number(owl_m, "owl_m", above=0, hint="OWL's paper uses 3-10 (5 default)")
     model = unwrap_model(model)
     samples = list(samples)
     if not samples:
@@ -472,13 +489,16 @@ def prune_oneshot(
     state = {"format": "secateurs.oneshot/1", "method": method, "sparsity": sparsity, "nm": nm,
              "group": group, "blocks": path, "done": 0, "weights": {}, "masks": {},
              "keep_weights": state_path is not None, "precision": precision, "dampening": dampening,
-             "blocksize": blocksize, "samples": _fingerprint(samples)}
+             "blocksize": blocksize, "samples": _fingerprint(samples),
+             "allocation": allocation if allocation == "uniform" else [allocation, owl_lambda, owl_m],
+             "block_sparsity": None}
     if state_path is not None and os.path.exists(state_path):
         saved = torch.load(state_path, map_location="cpu", weights_only=True)
         keys = ("format", "method", "sparsity", "nm", "group", "blocks", "precision", "dampening", "blocksize",
-                "samples")
+                "samples", "allocation")
         for k in keys:  # states written before a key was recorded: as the defaults were then
-            saved.setdefault(k, {"precision": "float64", "dampening": 0.01, "blocksize": 128}.get(k, state[k]))
+            saved.setdefault(k, {"precision": "float64", "dampening": 0.01, "blocksize": 128,
+                                 "allocation": "uniform"}.get(k, state[k]))
         if any(saved.get(k) != state[k] for k in keys):
             raise CheckpointError(
                 f"{state_path} is the state of another one-shot run "
@@ -492,6 +512,9 @@ def prune_oneshot(
         inputs = _block_inputs(model, stack, samples)
         hidden = [h.to("cpu") for h in inputs.hidden]  # the bounded buffer: one hidden state per sample
         inputs.hidden = []  # the states live only in `hidden`
+        if allocation == "owl" and state.get("block_sparsity") is None:  # a resumed run keeps its plan
+            lods, sizes = _outlier_ratios(stack, path, [h.clone() for h in hidden], inputs, device, home, owl_m)
+            state["block_sparsity"] = owl_block_sparsity(lods, sizes, sparsity, owl_lambda)
         bar = _progress(len(stack), progress)
         for b, block in enumerate(stack):
             t0 = _clock()
@@ -510,7 +533,8 @@ def prune_oneshot(
                     kind = layer_type(layer)
                     getattr(layer, kind.param).copy_(state["weights"][key].to(device))
             else:
-                _prune_block(block, prefix, layers, hidden, args, kwargs, device, method, sparsity, nm, group,
+                target = sparsity if state.get("block_sparsity") is None else state["block_sparsity"][b]
+                _prune_block(block, prefix, layers, hidden, args, kwargs, device, method, target, nm, group,
                              dampening, blocksize, state, PRECISIONS[precision])
                 state["done"] = b + 1
                 if state_path is not None:
@@ -529,7 +553,75 @@ def prune_oneshot(
     masks = {k: v.clone() for k, v in state["masks"].items()}
     total = sum(v.numel() for v in masks.values())
     achieved = 1 - sum(int(v.sum()) for v in masks.values()) / total if total else 0.0
-    return OneShotResult(masks, [f"{path}.{i}" for i in range(len(stack))], achieved, times)
+    return OneShotResult(masks, [f"{path}.{i}" for i in range(len(stack))], achieved, times,
+                         state.get("block_sparsity"))
+
+
+#: How the sparsity is shared among blocks: every block the same, or OWL's outlier-weighed split.
+ALLOCATIONS = ("uniform", "owl")
+
+
+def owl_block_sparsity(outlier_ratios: Sequence[float], sizes: Sequence[int], sparsity: float,
+                       lam: float) -> list[float]:
+    """OWL's per-block sparsity (Yin et al., "Outlier Weighed Layerwise Sparsity", ICML 2024):
+    the blocks' outlier ratios D_l are mapped linearly onto densities spanning ``2 * lam``
+    (``(D_l - min D) / (max D - min D) * 2 lam``), then shifted so the mean density is
+    ``1 - sparsity``; a block's sparsity is one minus its density. The paper's code takes the
+    plain mean over blocks; here the mean is weighted by each block's prunable weights
+    (``sizes``), which is the same for the equal blocks of a transformer stack and keeps the
+    model's overall sparsity at the target when blocks differ. Equal ratios give every block
+    ``sparsity``. A ``lam`` that would push a block outside [0, 1) is refused."""
+    d = torch.tensor(outlier_ratios, dtype=torch.float64)
+    w = torch.tensor(sizes, dtype=torch.float64)
+    spread = d.max() - d.min()
+    density = (d - d.min()) / spread * 2 * lam if spread > 0 else torch.zeros_like(d)
+    density = density - (density * w).sum() / w.sum() + (1 - sparsity)
+    out = (1 - density).tolist()
+    bad = [(i, v) for i, v in enumerate(out) if not 0 <= v < 1]
+    if bad:
+        i, v = bad[0]
+        raise ConfigError(
+            f"OWL with owl_lambda={lam} at sparsity {sparsity} gives block {i} the sparsity {v:.4f}, outside [0, 1); "
+            f"lower owl_lambda (below {min(sparsity, 1 - sparsity) / 2:g} always fits)"
+        )
+    return out
+
+
+def _outlier_ratios(stack, path, hidden, inputs, device, home, m: float) -> tuple[list[float], list[int]]:
+    """Each block's outlier ratio on the dense model: the share of its registered layers'
+    Wanda scores |W| * ||X|| above ``m`` times their mean (OWL's "layerwise outlier
+    distribution"), with the inputs the dense blocks before it produce; and each block's
+    number of prunable weights."""
+    ratios, sizes = [], []
+    for b, block in enumerate(stack):
+        block.to(device)
+        layers = _layers_of(block)
+        args, kwargs = inputs.args[b], inputs.kwargs[b]
+        stats, handles = {}, []
+        for name, layer in layers.items():
+            kind = layer_type(layer)
+            w = getattr(layer, kind.param)
+            if w.dim() != 2:
+                raise ConfigError(f"{path}.{b}.{name} has a {w.dim()}-D weight; OWL scores matrix layers (Linear, "
+                                  "Conv1D) only. Use allocation='uniform' for this model")
+            stats[name] = LayerStats(fan_in(w.shape, kind.output_axis), hessian=False, device=device,
+                                     name=f"{path}.{b}.{name}")
+            handles.append(layer.register_forward_hook(lambda mod, inp, out, s=stats[name]: s.add(inp[0])))
+        try:
+            for i, (a, k) in enumerate(zip(args, kwargs)):
+                hidden[i] = _output_hidden(block(hidden[i].to(device), *a, **_to(k, device))).to("cpu")
+        finally:
+            for handle in handles:
+                handle.remove()
+        scores = []
+        for name, layer in layers.items():
+            kind = layer_type(layer)
+            scores.append(wanda_scores(getattr(layer, kind.param), stats[name].norms, kind.output_axis).flatten())
+        flat = torch.cat(scores).double()
+        ratios.append(float((flat > m * flat.mean()).double().mean()))
+        sizes.append(flat.numel())
+        block.to(home)
+    return ratios, sizes
 
 
 def _prune_block(block, prefix, layers, hidden, args, kwargs, device, method, sparsity, nm, group,
