@@ -472,6 +472,13 @@ def cmd_lottery(cli, command):
     assert "INCOMPLETE" not in out
 
 
+def cmd_retraining(cli, command):
+    # the lottery's fast settings; one dense epoch leaves no room for the milestone
+    out = cli(command, "--seeds", "0", *LOTTERY_FAST, *sets("train.lr_schedule={name: constant}"),
+              "--data-root", cli.data("mnist"), "--runs-dir", str(cli.runs), *QUIET)
+    assert "INCOMPLETE" not in out
+
+
 def single_run(dataset, *overrides):
     def run(cli, command):
         out = cli(command, *sets(*overrides), "--data-root", cli.data(dataset), "--runs-dir", str(cli.runs), *QUIET)
@@ -536,6 +543,8 @@ COMMANDS = {
     "secateurs plasticity --config configs/plasticity_lenet300_fashion.yaml": cmd_plasticity,
     "secateurs lottery --config configs/lth_lenet300_mnist.yaml": cmd_lottery,
     "secateurs lottery --config configs/lth_lenet300_mnist.yaml --seeds 0 --set lottery.reset=lr_rewind": cmd_lottery,
+    "secateurs lottery --config configs/imp_retraining_lenet300_mnist.yaml": cmd_retraining,
+    "secateurs lottery --config configs/imp_retraining_lenet300_mnist.yaml --set lottery.reset=slr": cmd_retraining,
     "secateurs structured --config configs/structured_lenet5_mnist.yaml": single_run(
         "mnist", "train.epochs=1", "finetune.epochs=1", "structured.flops_removed=[0.5]",
         "structured.latency_repeats=1", "train.lr_schedule.name=constant"),
