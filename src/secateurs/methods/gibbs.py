@@ -97,8 +97,11 @@ def threshold(values: torch.Tensor, keep: int) -> torch.Tensor:
         return flat.min() - 1.0
     if keep <= 0:
         return flat.max() + 1.0
-    top = torch.topk(flat, keep + 1).values
-    return (top[keep - 1] + top[keep]) / 2
+    n = flat.numel()  # the (n - keep)-th smallest is the largest dropped, the next the smallest kept
+    dropped = torch.kthvalue(flat, n - keep).values
+    kept = flat[flat >= dropped]
+    smallest_kept = torch.kthvalue(kept, kept.numel() - keep + 1).values if kept.numel() > keep else kept.min()
+    return (dropped + smallest_kept) / 2
 
 
 def sample_unstructured(energy: torch.Tensor, q: torch.Tensor, temperature: float,
