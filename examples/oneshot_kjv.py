@@ -1,5 +1,6 @@
 """One-shot pruning of a small language model trained here: magnitude, Wanda, RIA and SparseGPT at
-50% unstructured, 2:4 and 4:8, with a calibration-size ablation.
+50% unstructured, 2:4 and 4:8, with a calibration-size ablation; and Wanda / SparseGPT at 50-80%
+with uniform and OWL (outlier-weighed) sparsity per block.
 
     apt-get install bible-kjv                      # the corpus: the King James Bible (public domain)
     python examples/oneshot_kjv.py --out runs/oneshot-kjv
@@ -110,37 +111,51 @@ def main():
 
     results_path = out / "results.json"
     rows = json.loads(results_path.read_text()) if results_path.is_file() else []
-    done = {(r["method"], r["pattern"], r["nsamples"]) for r in rows}
+    done = {(r["method"], r["pattern"], r["nsamples"], r.get("allocation", "uniform")) for r in rows}
     dense_ppl = perplexity(fresh(), test_ids, args.seqlen)
     grid = [(m, pat, 128) for pat in ("50%", "2:4", "4:8") for m in ("magnitude", "wanda", "ria", "sparsegpt")]
     grid += [(m, "50%", n) for m in ("wanda", "sparsegpt") for n in (8, 32)]
     grid += [(m, "2:4", n) for m in ("wanda", "sparsegpt") for n in (8, 32)]
-    for method, pattern, n in grid:
-        if (method, pattern, n) in done:
+    grid = [(m, pat, n, "uniform") for m, pat, n in grid]
+    grid += [(m, f"{s}%", 128, a) for s in (60, 70, 80) for m in ("wanda", "sparsegpt") for a in ("uniform", "owl")]
+    grid += [(m, "50%", 128, "owl") for m in ("wanda", "sparsegpt")]
+    for method, pattern, n, allocation in grid:
+        if (method, pattern, n, allocation) in done:
             continue
         model = fresh()
-        nm = None if pattern == "50%" else tuple(int(v) for v in pattern.split(":"))
+        nm = None if pattern.endswith("%") else tuple(int(v) for v in pattern.split(":"))
+        sparsity = int(pattern[:-1]) / 100 if nm is None else None
         samples = calibration_samples(train_ids, n, args.seqlen, args.seed)
         t0 = time.perf_counter()
-        result = prune_oneshot(model, samples, method, 0.5, nm=nm)
+        result = prune_oneshot(model, samples, method, sparsity, nm=nm, allocation=allocation)
         seconds = time.perf_counter() - t0
         rows.append({"method": method, "pattern": pattern, "nsamples": n, "sparsity": result.sparsity,
-                     "ppl": perplexity(model, test_ids, args.seqlen), "seconds": seconds})
+                     "ppl": perplexity(model, test_ids, args.seqlen), "seconds": seconds, "allocation": allocation,
+                     "block_sparsity": result.block_sparsity})
         print(rows[-1], flush=True)
         results_path.write_text(json.dumps(rows, indent=2))
     training = json.loads((dense_dir / "training.json").read_text())
     lines = [f"Dense: {training['parameters'] / 1e6:.1f}M parameters, test perplexity {dense_ppl:.2f} "
              f"({len(test_ids):,} test tokens; trained {len(training['history'])} epochs).", "",
              "| method | 50% | 2:4 | 4:8 | pass time (s, 50%) |", "|---|---|---|---|---|"]
+    uniform = [r for r in rows if r.get("allocation", "uniform") == "uniform"]
     for method in ("magnitude", "wanda", "ria", "sparsegpt"):
-        cell = {r["pattern"]: r for r in rows if r["method"] == method and r["nsamples"] == 128}
+        cell = {r["pattern"]: r for r in uniform if r["method"] == method and r["nsamples"] == 128}
         lines.append(f"| {method} | {cell['50%']['ppl']:.2f} | {cell['2:4']['ppl']:.2f} | {cell['4:8']['ppl']:.2f} | "
                      f"{cell['50%']['seconds']:.1f} |")
     lines += ["", "| calibration sequences | Wanda 50% | SparseGPT 50% | Wanda 2:4 | SparseGPT 2:4 |", "|---|---|---|---|---|"]
     for n in (8, 32, 128):
-        cell = {(r["method"], r["pattern"]): r["ppl"] for r in rows if r["nsamples"] == n}
+        cell = {(r["method"], r["pattern"]): r["ppl"] for r in uniform if r["nsamples"] == n}
         lines.append(f"| {n} | {cell[('wanda', '50%')]:.2f} | {cell[('sparsegpt', '50%')]:.2f} | "
                      f"{cell[('wanda', '2:4')]:.2f} | {cell[('sparsegpt', '2:4')]:.2f} |")
+    lines += ["", "| sparsity | Wanda | Wanda + OWL | SparseGPT | SparseGPT + OWL | OWL block sparsities (Wanda) |",
+              "|---|---|---|---|---|---|"]
+    for pattern in ("50%", "60%", "70%", "80%"):
+        cell = {(r["method"], r.get("allocation", "uniform")): r for r in rows
+                if r["pattern"] == pattern and r["nsamples"] == 128}
+        owl = " ".join(f"{x:.3f}" for x in cell[("wanda", "owl")]["block_sparsity"])
+        lines.append(f"| {pattern} | " + " | ".join(f"{cell[(m, a)]['ppl']:.2f}" for m in ("wanda", "sparsegpt")
+                                                     for a in ("uniform", "owl")) + f" | {owl} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
