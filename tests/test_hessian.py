@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import pytest
+
+from secateurs.errors import ConfigError
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -194,16 +196,54 @@ def test_method_schedule_is_cubic_and_monotone():
 
 def test_method_bad_inputs():
     model = MLP(8, (12, 6), 3)
-    with pytest.raises(ValueError, match="ratio must be the share of hidden neurons"):
+    with pytest.raises(ConfigError, match=r"ratio must be a number in \[0, 1\), got 1.0 \(float\); the share of hidden"):
         HessianNeuronPruning(model, ratio=1.0, total_steps=10)
-    with pytest.raises(ValueError, match="start < end <= total_steps"):
+    with pytest.raises(ConfigError, match="start < end <= total_steps"):
         HessianNeuronPruning(model, ratio=0.5, total_steps=10, end=20)
-    with pytest.raises(ValueError, match="criterion must be one of"):
+    with pytest.raises(ConfigError, match="unknown criterion 'taylor'; known: hessian, l1"):
         HessianNeuronPruning(model, ratio=0.5, total_steps=10, criterion="taylor")
-    with pytest.raises(ValueError, match="min_neurons=6 per layer allows at most 6"):
+    with pytest.raises(ConfigError, match="min_neurons=6 per layer allows at most 6"):
         HessianNeuronPruning(model, ratio=0.5, total_steps=10, min_neurons=6)
-    with pytest.raises(ValueError, match="neuron pruning needs hidden layers"):
+    with pytest.raises(ConfigError, match="neuron pruning needs hidden layers"):
         HessianNeuronPruning(nn.Linear(3, 2), ratio=0.5, total_steps=10)
+    with pytest.raises(ConfigError, match="every must be an integer >= 1"):
+        HessianNeuronPruning(model, ratio=0.5, total_steps=10, every=0)
     p = HessianNeuronPruning(model, ratio=0.5, total_steps=2, every=1)
-    with pytest.raises(ValueError, match="needs this step's batch"):
+    with pytest.raises(ConfigError, match="needs this step's batch"):
         p.step()
+
+
+def test_layers_come_from_the_registry_with_their_output_axis():
+    """GPT-2's Conv1D keeps its output neurons on axis 1: they are found (no isinstance list)
+    and zeroed as columns; a matrix module the registry does not know is named, not skipped."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(16, 8), nn.ReLU(), Conv1D(4, 16))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    p = HessianNeuronPruning(model, opt, ratio=0.5, total_steps=4, end=2, every=1)
+    assert list(p.layers) == ["0"] and p.neurons == 16
+    x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
+    for _ in range(4):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        p.step((x, y))
+    dead = ~p.alive["0"]
+    assert int(dead.sum()) == 8
+    w = model[0].weight  # [in, out]
+    assert torch.count_nonzero(w[:, dead]) == 0 and torch.count_nonzero(model[0].bias[dead]) == 0
+    assert torch.count_nonzero(opt.state[w]["momentum_buffer"][:, dead]) == 0
+    assert torch.count_nonzero(w[:, ~dead]) > 0
+
+    class Bilinearish(nn.Module):  # a matrix weight in a module the registry does not know
+        def __init__(self):
+            super().__init__()
+            self.hidden, self.mix, self.out = nn.Linear(4, 6), nn.Bilinear(6, 6, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = self.hidden(x)
+            return self.out(self.mix(h, h))
+
+    with pytest.warns(UserWarning, match=r"leaves layers of types the layer registry does not know unpruned: mix"):
+        HessianNeuronPruning(Bilinearish(), ratio=0.5, total_steps=10)
