@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..errors import ConfigError, DataError
-from ..validate import check_int
+from ..validate import check_int, check_number
 
 _STATS_CHUNK = 4096  # samples per chunk, so statistics never need a float copy of the whole set
 
@@ -88,6 +88,34 @@ class ImageDataset:
             val_images=self.train_images[val_idx],
             val_labels=self.train_labels[val_idx],
         )
+
+    def with_label_noise(self, rate: float, seed: int) -> ImageDataset:
+        """Symmetric label noise on the training labels only: exactly ``round(rate * N)``
+        training examples, chosen by ``seed``, each relabelled uniformly to one of the *other*
+        ``num_classes - 1`` classes (so every chosen label really changes). Validation and test
+        labels are untouched. ``rate`` 0 returns ``self``.
+
+        The sparse-double-descent code (open_lth-based) has two variants: ``randomize_labels``
+        draws the new label from all classes (about 1/C of the picks keep their label) and
+        ``symmetric_noisy_labels`` flips each label independently with probability ``rate``
+        (a random count); this one fixes both the count and that the label changes.
+        """
+        check_number(rate, "data.label_noise", minimum=0, below=1,
+                     hint="the fraction of training labels to corrupt, e.g. data.label_noise=0.2")
+        if rate == 0:
+            return self
+        if self.num_classes < 2:
+            raise ConfigError(f"data.label_noise needs at least 2 classes to flip between; {self.name} has "
+                              f"{self.num_classes}. Drop data.label_noise")
+        n = len(self.train_labels)
+        count = int(round(rate * n))
+        generator = torch.Generator().manual_seed(seed)
+        chosen = torch.randperm(n, generator=generator)[:count]
+        # an offset in 1..C-1 added modulo C is uniform over the other classes
+        offset = torch.randint(1, self.num_classes, (count,), generator=generator)
+        labels = self.train_labels.clone()
+        labels[chosen] = (labels[chosen] + offset) % self.num_classes
+        return replace(self, train_labels=labels)
 
 
 def _check_split(name: str, split: str, images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:

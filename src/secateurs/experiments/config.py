@@ -19,6 +19,7 @@ from ..allocation import check_sparsity
 from ..errors import ConfigError
 from ..train.config import LRScheduleConfig, OptimizerConfig
 from ..typed_config import from_dict
+from ..validate import check_number
 from ..vocabulary import SCOPES, SWEEP_RESETS
 
 
@@ -31,6 +32,14 @@ class DataConfig:
     crop_padding: int = 0
     flip: bool = False
     validation: int = 0  # training images held out (fixed split, seed 0) for early stopping
+    #: Symmetric label noise: this fraction of the training labels (after any validation
+    #: holdout; validation and test stay clean) relabelled to a different class, chosen by
+    #: ``derive_seed(seed, "data", "label-noise")`` (see ImageDataset.with_label_noise).
+    label_noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_number(self.label_noise, "data.label_noise", minimum=0, below=1,
+                     hint="the fraction of training labels to corrupt, e.g. data.label_noise=0.2 (0 for clean labels)")
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,9 @@ class _Data:
         if config.data.validation and dataset.val_images is None:
             # one fixed split (seed 0) for every seed and method, so selection is comparable
             dataset = dataset.holdout(config.data.validation, seed=0)
+        if config.data.label_noise:
+            # training labels only, after the holdout: validation and test stay clean
+            dataset = dataset.with_label_noise(config.data.label_noise, derive_seed(config.seed, "data", "label-noise"))
         self.config, self.dataset = config, dataset
         self.device = resolve_device(config.device)
         self.transform = BatchTransform(
