@@ -30,6 +30,7 @@ Procedures:
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -47,7 +48,7 @@ from ..analysis.mask_metrics import learning_distance, mask_iou
 from ..criteria import CRITERIA
 from ..data import ImageDataset
 from ..errors import CheckpointError, ConfigError, UnknownNameError
-from ..methods.lottery import LotteryTicket, criterion_masks
+from ..methods.lottery import LotteryTicket, criterion_masks, half_rate_output_sparsity
 from ..resets import KEPT_INITS, init_kept_, rewind_
 from ..schedules import parse_duration
 from ..seeding import derive_seed
@@ -155,18 +156,29 @@ def retraining_schedule(reset: str, dense_lrs: Sequence[float], dense_warmup_ste
     raise ValueError(f"retraining_schedule: {reset!r} is not one of slr, clr, llr, allr")
 
 
+SUPERMASK_OUTPUTS = ("same", "half_rate", "dense")
+
+
 @dataclass(frozen=True)
 class SupermaskConfig:
     """Masks evaluated on the *untrained* initial weights (Zhou et al. 2019): after round 0,
     each criterion of (initial, trained) weights at each sparsity, with each kept-weight
-    init, is scored on the test set without any training."""
+    init, is scored on the test set without any training. ``outputs`` lists how the output
+    layer is treated, each scored separately: ``same`` (pruned like the rest), ``half_rate``
+    (pruned at half the rate of the others, as Zhou et al.'s ``--prune_base 0.8,0.9``) or
+    ``dense``; the other layers then take the rest of the budget, so the total stays at the
+    sparsity."""
 
     criteria: tuple[str, ...] = ("large_final_same_sign",)
     sparsities: tuple[float, ...] = ()
     inits: tuple[str, ...] = ("original", "signed_constant")
     scope: str = "uniform"
+    outputs: tuple[str, ...] = ("same",)
 
     def __post_init__(self) -> None:
+        for o in self.outputs:
+            if o not in SUPERMASK_OUTPUTS:
+                raise ConfigError(f"lottery.supermask.outputs entry {o!r} is not one of {', '.join(SUPERMASK_OUTPUTS)}")
         for c in self.criteria:
             CRITERIA.get(c)
         for s in self.sparsities:
@@ -553,21 +565,26 @@ class _Lottery:
         trained = load_checkpoint(self._path("round-00"))["model"]
         final = {n: trained[n] for n in names}
         rows = []
-        for criterion in sm.criteria:
-            for sparsity in sm.sparsities:
-                draw = derive_seed(self.config.seed, "lottery", "supermask", "mask", criterion, sparsity)
-                masks = criterion_masks(initial, final, criterion, sparsity, scope=sm.scope,
-                                        generator=torch.Generator().manual_seed(draw))
-                for init in sm.inits:
-                    model, _ = self._load(start)
-                    rewind_(model, ticket.rewind_point)
-                    init_seed = derive_seed(self.config.seed, "lottery", "supermask", "init", criterion, sparsity, init)
-                    init_kept_(init, model, masks, initial, torch.Generator().manual_seed(init_seed),
-                               init=self.lt.reinit_distribution)
-                    probe = Trainer(model, self.data.train(0), TrainConfig(epochs=0, device=self.config.device), progress=False)
-                    metrics = probe.evaluate(self.data.test)
-                    rows.append({"criterion": criterion, "sparsity": sparsity, "init": init,
-                                 "test_acc": metrics["acc"], "test_loss": metrics["loss"]})
+        for criterion, sparsity, output in itertools.product(sm.criteria, sm.sparsities, sm.outputs):
+            draw = derive_seed(self.config.seed, "lottery", "supermask", "mask", criterion, sparsity)
+            out_sparsity = {"same": None, "dense": 0.0,
+                            "half_rate": half_rate_output_sparsity([final[n].numel() for n in names], sparsity)}[output]
+            masks = criterion_masks(initial, final, criterion, sparsity, scope=sm.scope,
+                                    generator=torch.Generator().manual_seed(draw), output_sparsity=out_sparsity)
+            kept = {n: int(m.sum()) for n, m in masks.items()}
+            for init in sm.inits:
+                model, _ = self._load(start)
+                rewind_(model, ticket.rewind_point)
+                init_seed = derive_seed(self.config.seed, "lottery", "supermask", "init", criterion, sparsity, init)
+                init_kept_(init, model, masks, initial, torch.Generator().manual_seed(init_seed),
+                           init=self.lt.reinit_distribution)
+                probe = Trainer(model, self.data.train(0), TrainConfig(epochs=0, device=self.config.device), progress=False)
+                metrics = probe.evaluate(self.data.test)
+                row = {"criterion": criterion, "sparsity": sparsity, "init": init,
+                       "test_acc": metrics["acc"], "test_loss": metrics["loss"]}
+                if output != "same":  # rows of the default keep their old keys
+                    row |= {"output": output, "layer_density": {n: kept[n] / final[n].numel() for n in names}}
+                rows.append(row)
         atomic_write_text(self.run_dir.path / "supermask.json", json.dumps(rows, indent=2))
 
     def run(self) -> dict:
@@ -650,8 +667,9 @@ def aggregate_lottery(
     supermask: dict[tuple, list] = {}
     for res in per_seed.values():
         for x in res.get("supermask", []):
-            supermask.setdefault((x["criterion"], x["sparsity"], x["init"]), []).append(x["test_acc"])
-    supermask_rows = [{"criterion": c, "sparsity": s, "init": i, "test_acc": mean_std(v)} for (c, s, i), v in supermask.items()]
+            supermask.setdefault((x["criterion"], x["sparsity"], x["init"], x.get("output", "same")), []).append(x["test_acc"])
+    supermask_rows = [{"criterion": c, "sparsity": s, "init": i, "test_acc": mean_std(v), **({"output": o} if o != "same" else {})}
+                      for (c, s, i, o), v in supermask.items()]
     summary = {"name": config.name, "seeds": list(seeds), "complete": not missing, "missing": missing,
                "rounds": rows, "supermask": supermask_rows}
     out.mkdir(parents=True, exist_ok=True)
@@ -700,9 +718,13 @@ def format_lottery(summary: dict) -> str:
             cells += [_fmt(net.get("early_stop_test_acc")), _fmt(net.get("early_stop_step"), 1.0, 0), _fmt(net.get("test_acc"))]
         lines.append("| " + " | ".join(cells) + " |")
     if summary.get("supermask"):
-        lines += ["", "| supermask criterion | sparsity | kept-weight init | test acc. (no training) |", "|---|---|---|---|"]
+        outputs = any("output" in x for x in summary["supermask"])
+        extra = (" output layer |", "---|") if outputs else ("", "")
+        lines += ["", f"| supermask criterion | sparsity | kept-weight init |{extra[0]} test acc. (no training) |",
+                  "|---|---|---|" + extra[1] + "---|"]
         for x in summary["supermask"]:
-            lines.append(f"| {x['criterion']} | {100 * x['sparsity']:g}% | {x['init']} | {_fmt(x['test_acc'])} |")
+            cell = f" {x.get('output', 'same')} |" if outputs else ""
+            lines.append(f"| {x['criterion']} | {100 * x['sparsity']:g}% | {x['init']} |{cell} {_fmt(x['test_acc'])} |")
     return "\n".join(lines) + "\n"
 
 

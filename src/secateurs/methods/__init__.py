@@ -6,10 +6,10 @@ from .at_init import SNIP, GraSP, RandomInit, SynFlow
 from .base import Sparsifier
 from .during import CTRE, GMP, SET, GraNet, RigL
 from .gibbs import GibbsPruning
-from .lottery import LotteryTicket, criterion_masks
+from .lottery import LotteryTicket, criterion_masks, half_rate_output_sparsity
 from .magnitude import Magnitude, Random
 from .nm import NMSparsifier
 from .registry import METHODS
 from .supermask import Supermask
 
-__all__ = ["Sparsifier", "Magnitude", "Random", "GMP", "SET", "RigL", "GraNet", "CTRE", "GibbsPruning", "SNIP", "GraSP", "SynFlow", "RandomInit", "LotteryTicket", "criterion_masks", "Supermask", "NMSparsifier", "METHODS"]
+__all__ = ["Sparsifier", "Magnitude", "Random", "GMP", "SET", "RigL", "GraNet", "CTRE", "GibbsPruning", "SNIP", "GraSP", "SynFlow", "RandomInit", "LotteryTicket", "criterion_masks", "half_rate_output_sparsity", "Supermask", "NMSparsifier", "METHODS"]

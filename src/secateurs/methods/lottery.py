@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..allocation import allocate, check_sparsity, global_keep, rate_keep
+from ..allocation import allocate, check_sparsity, global_keep, keep_count, rate_keep
 from ..allocation import layer_rates as resolve_layer_rates
 from ..criteria import CRITERIA, make_score
 from ..engine import prune
@@ -202,14 +202,61 @@ def criterion_masks(
     *,
     scope: str = "uniform",
     generator: torch.Generator | None = None,
+    output_sparsity: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """One-shot masks at ``sparsity`` from a criterion of (initial, final) weights (Zhou et
     al. 2019): e.g. ``large_final_same_sign`` masks applied to the *untrained* initial
     weights are "supermasks". ``scope`` is an allocation scope (``uniform`` = the same
-    sparsity per layer, as in their per-layer prune percentages; ``global``; ``erk``)."""
+    sparsity per layer, as in their per-layer prune percentages; ``global``; ``erk``).
+
+    ``output_sparsity`` pins the last layer (in ``final``'s order) at that sparsity, and the
+    other layers share the rest so that all layers together still reach ``sparsity`` (with
+    ``uniform``, at one common sparsity; see :func:`half_rate_output_sparsity`)."""
     check_sparsity(sparsity)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     scores = make_score(criterion, initial)(final, generator)
     dense = {n: torch.ones_like(w, dtype=torch.bool) for n, w in final.items()}
-    keep = allocate(scope, scores, dense, sparsity)
+    if output_sparsity is None:
+        keep = allocate(scope, scores, dense, sparsity)
+        return prune(dense, scores, keep)
+    check_sparsity(output_sparsity, "output-layer sparsity")
+    names = list(final)
+    output = names[-1]
+    fixed = {output: output_sparsity}
+    if scope != "uniform":  # global / erk: allocate keeps the total exact around pinned layers
+        return prune(dense, scores, allocate(scope, scores, dense, sparsity, fixed_sparsity=fixed))
+    numel = {n: final[n].numel() for n in names}
+    free = sum(numel[n] for n in names[:-1])
+    budget = keep_count(sum(numel.values()), sparsity) - keep_count(numel[output], output_sparsity)
+    if not names[:-1] or budget < 0 or budget > free:
+        raise ConfigError(
+            f"output-layer sparsity {output_sparsity} cannot be combined with a total sparsity of {sparsity}: "
+            f"the output layer alone keeps {keep_count(numel[output], output_sparsity)} weights and the total "
+            f"allows {keep_count(sum(numel.values()), sparsity)} out of {free} in the other layers"
+        )
+    keep = allocate("uniform", scores, dense, 1.0 - budget / free if free else 0.0, fixed_sparsity=fixed)
     return prune(dense, scores, keep)
+
+
+def half_rate_output_sparsity(numel: Sequence[int], sparsity: float, rate: float = 0.2, output_rate: float = 0.1) -> float:
+    """Output-layer sparsity for a total of ``sparsity`` when the output layer is pruned at
+    ``output_rate`` per step and the others at ``rate`` (Zhou et al. 2019's code for FC
+    300-100-10 keeps ``0.8 ** p`` of each hidden layer and ``0.9 ** p`` of the output layer,
+    ``--prune_base 0.8,0.9``, the same power ``p`` for both). ``numel`` lists the layers' sizes,
+    the output layer last. Solves for ``p`` by bisection and returns ``1 - (1 - output_rate) ** p``."""
+    check_sparsity(sparsity)
+    *hidden, out = [int(n) for n in numel]
+    total, target = sum(hidden) + out, (1.0 - sparsity) * (sum(hidden) + out)
+
+    def kept(p: float) -> float:
+        return (1 - rate) ** p * sum(hidden) + (1 - output_rate) ** p * out
+
+    lo, hi = 0.0, 1.0
+    while kept(hi) > target:
+        hi *= 2
+        if hi > 1e4:
+            raise ConfigError(f"no pruning power reaches sparsity {sparsity} over {total} weights")
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if kept(mid) > target else (lo, mid)
+    return 1.0 - (1 - output_rate) ** ((lo + hi) / 2)
