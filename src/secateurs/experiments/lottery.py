@@ -565,6 +565,14 @@ class _Lottery:
         trained = load_checkpoint(self._path("round-00"))["model"]
         final = {n: trained[n] for n in names}
         rows = []
+        last = names[-1]
+        classes = self.dataset.num_classes
+        if any(o != "same" for o in sm.outputs) and final[last].shape[0] != classes:
+            # criterion_masks pins the last masked layer as "the output layer": never pin a hidden one
+            raise ConfigError(
+                f"lottery.supermask.outputs treats the last masked layer as the output layer, but {last} has "
+                f"{final[last].shape[0]} outputs, not the {classes} classes; keep outputs: [same] for this model"
+            )
         for criterion, sparsity, output in itertools.product(sm.criteria, sm.sparsities, sm.outputs):
             draw = derive_seed(self.config.seed, "lottery", "supermask", "mask", criterion, sparsity)
             out_sparsity = {"same": None, "dense": 0.0,

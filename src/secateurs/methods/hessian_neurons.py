@@ -43,6 +43,7 @@ from torch import nn
 from ..analysis.hessian import model_hessian, top_eigenvalue
 from ..errors import ConfigError
 from ..layers import as_rows, layer_type, notice, unregistered_matrix_modules
+from ..schedules import cubic_sparsity
 from ..validate import check_int, check_number
 
 __all__ = ["HessianNeuronPruning", "CRITERIA"]
@@ -121,8 +122,8 @@ class HessianNeuronPruning:
     # -- schedule ----------------------------------------------------------------------
     def removed_at(self, t: int) -> int:
         """Neurons removed after step ``t`` (cubic from ``start`` to ``end``)."""
-        frac = min(1.0, max(0.0, (t - self.start) / (self.end - self.start)))
-        return self.target if t >= self.end else round(self.target * (1 - (1 - frac) ** 3))
+        # the shared Zhu & Gupta cubic (GMP's), as a fraction of the target count
+        return self.target if t >= self.end else round(self.target * cubic_sparsity(t, 0.0, 1.0, self.start, self.end))
 
     def updates_at(self, t: int) -> bool:
         return self.start < t <= self.end and ((t - self.start) % self.every == 0 or t == self.end)
