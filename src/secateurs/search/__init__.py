@@ -1,0 +1,5 @@
+"""Architecture search: the shared search space (:mod:`.space`), device costs (:mod:`.cost`),
+PNAS (:mod:`.pnas`) and DNAS with pruning (:mod:`.dnas`)."""
+from .space import CONV_OPS, OPS, Architecture, Block, InputShape, SearchSpace, build, layer_shapes
+
+__all__ = ["CONV_OPS", "OPS", "Architecture", "Block", "InputShape", "SearchSpace", "build", "layer_shapes"]
