@@ -7,8 +7,9 @@ each candidate briefly, and reports Kendall's tau between test accuracy and each
 negated TE-NAS rank sum, and the parameter count as a naive baseline. A positive tau means
 the indicator orders the architectures as their accuracy does.
 
-Candidates are MLPs (:class:`~secateurs.models.MLP`) or small conv stacks
-(conv3x3-ReLU-maxpool per entry of ``channels``, then a ReLU MLP head), all with ``nn.ReLU``
+Candidates are MLPs or small conv stacks (conv3x3-ReLU-maxpool per entry of ``channels``,
+then a ReLU MLP head), candidates of the architecture search space built by its one builder
+(:func:`secateurs.search.space.build`, no batch norm), all with ``nn.ReLU``
 modules so their activation patterns can be counted. Every (architecture, training seed) is
 one checkpointed training phase (``checkpoints/<label>-seed-<s>.pt``) and each finished
 architecture's row goes to ``results.json`` at once, so an interrupted run resumes within the
@@ -27,8 +28,9 @@ import torch.nn as nn
 from ..analysis.indicators import indicators, rank_architectures
 from ..data import ImageDataset
 from ..errors import ConfigError
-from ..models import MLP, count_parameters
+from ..models import count_parameters
 from ..models._common import glorot_init
+from ..search.space import Architecture as SpaceArchitecture, Block, InputShape, build
 from ..train import Trainer
 from .config import DataConfig, HashedConfig, PhaseConfig, load_typed
 from .runs import RunDir, atomic_write_text, execute
@@ -75,6 +77,11 @@ class Architecture:
             )
         if self.kind == "cnn" and not self.channels:
             raise ConfigError("a cnn candidate needs conv channels, e.g. {kind: cnn, channels: [16, 32], hidden: [64]}")
+
+    def to_space(self) -> SpaceArchitecture:
+        """This candidate in the shared search space: 3x3 conv blocks that each pool, then fc blocks."""
+        return SpaceArchitecture(tuple(Block("conv3", w, pool=True) for w in self.channels)
+                                 + tuple(Block("fc", h) for h in self.hidden))
 
     @property
     def label(self) -> str:
@@ -131,25 +138,15 @@ def load_indicators_config(path: str | Path | None = None, overrides: Mapping[st
 
 
 def build_candidate(arch: Architecture, *, in_channels: int, image_size: int, num_classes: int) -> nn.Module:
-    """The network ``arch`` describes, Glorot-initialised like the zoo's MLP and Conv nets."""
-    if arch.kind == "mlp":
-        return MLP(in_channels * image_size**2, arch.hidden, num_classes)
-    if image_size % 2 ** len(arch.channels):
+    """The network ``arch`` describes, built by the search space's one builder
+    (:func:`secateurs.search.space.build`, without batch norm) and Glorot-initialised like the
+    zoo's MLP and Conv nets."""
+    if arch.kind == "cnn" and image_size % 2 ** len(arch.channels):
         raise ConfigError(
             f"{arch.label} halves the {image_size}px image {len(arch.channels)} times; "
             f"use at most {int(math.log2(image_size & -image_size))} conv entries for this dataset"
         )
-    layers: list[nn.Module] = []
-    fan_in = in_channels
-    for width in arch.channels:
-        layers += [nn.Conv2d(fan_in, width, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
-        fan_in = width
-    layers.append(nn.Flatten())
-    fan_in *= (image_size // 2 ** len(arch.channels)) ** 2
-    for width in arch.hidden:
-        layers += [nn.Linear(fan_in, width), nn.ReLU(inplace=True)]
-        fan_in = width
-    model = nn.Sequential(*layers, nn.Linear(fan_in, num_classes))
+    model = build(arch.to_space(), InputShape(in_channels, image_size, num_classes), batchnorm=False)
     glorot_init(model)
     return model
 
