@@ -276,3 +276,120 @@ def synflow(
             )
         grads = _grads(r, leaves)
     return {n: (leaves[n].detach() * grads[n]).abs() for n in weights}
+
+
+# -- activity: how much each connection is used on data ---------------------------------------
+
+
+def _owning_modules(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> dict[str, nn.Module]:
+    """The module holding each weight (matched by identity, so tied names resolve too)."""
+    wanted = {id(w): n for n, w in weights.items()}
+    found: dict[str, nn.Module] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            name = wanted.get(id(p))
+            if name is not None and name not in found:
+                found[name] = module
+    missing = [n for n in weights if n not in found]
+    if missing:
+        raise ConfigError(f"activity: {', '.join(missing[:4])} are not parameters of {type(model).__name__}; "
+                          "pass the model's own (prunable) weights, e.g. sparsifier.masks.weights()")
+    return found
+
+
+def _conv2d_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``|x|`` unfolded into the conv's patches and averaged over batch and positions:
+    ``[in_channels * kh * kw]``, the mean input each kernel position sees (padding included,
+    in the conv's own padding mode)."""
+    kh, kw = module.kernel_size
+    if isinstance(module.padding, str):  # 'valid' or 'same' (stride 1): split as PyTorch does
+        pads = [0, 0, 0, 0]
+        if module.padding == "same":
+            for i, (k, d) in enumerate(zip(module.kernel_size, module.dilation)):
+                total = d * (k - 1)
+                pads[2 * (1 - i)], pads[2 * (1 - i) + 1] = total // 2, total - total // 2
+    else:
+        ph, pw = module.padding
+        pads = [pw, pw, ph, ph]
+    if any(pads):
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = torch.nn.functional.pad(x, pads, mode=mode)
+    cols = torch.nn.functional.unfold(x.abs(), (kh, kw), dilation=module.dilation, stride=module.stride)
+    return cols.mean(dim=(0, 2))
+
+
+def activity(
+    model: nn.Module,
+    weights: Mapping[str, torch.Tensor],
+    batches: Iterable,
+) -> dict[str, torch.Tensor]:
+    """Connection activity ``E_x |w_ji x_i|``: the mean absolute contribution of each
+    connection to its output unit's input on ``batches``, which equals ``|w_ji| E_x |x_i|``.
+
+    The importance of a synapse in activity-dependent ("use it or lose it") pruning: Zhao &
+    Zeng (2021, "Dynamically Optimizing Network Structure Based on Synaptic Pruning in the
+    Brain", Front. Syst. Neurosci. 15:620558) prune connections that are "not activated or less
+    activated" on the data. A connection whose input is always zero (an MNIST border pixel, a
+    dead ReLU unit) scores 0 whatever its weight, so it differs from magnitude exactly where
+    the data never use a weight. (The paper's exact activity formula is not reproduced here:
+    this is the library's formulation of "how much a connection is activated".)
+
+    Linear layers (and any registered matrix layer, e.g. ``transformers``' ``Conv1D``, whose
+    input axis is found through the layer registry) average ``|x|`` over every leading
+    dimension; ``nn.Conv2d`` over the batch and the output positions of the unfolded input
+    (so each kernel position gets the mean input it sees; grouped convs use their group's
+    channels). Other layers are refused by name. Inputs are read by forward pre-hooks that
+    exist only during this call, and the model runs on copies of its buffers without grad:
+    nothing in the live model changes (batch-norm statistics included), and training runs no
+    hook. The scores are those of the network as it is now (pruned weights give 0).
+    """
+    from .layers import layer_type
+
+    model = unwrap_model(model)
+    batches = _batches(batches, "activity")
+    modules = _owning_modules(model, weights)
+    for name, module in modules.items():
+        w = weights[name]
+        if not (isinstance(module, nn.Conv2d) or (w.dim() == 2 and layer_type(module) is not None)):
+            raise ConfigError(
+                f"activity: {name} belongs to a {type(module).__name__}, which this score does not handle (it reads the "
+                "inputs of matrix layers such as nn.Linear and of nn.Conv2d); leave it out with exclude=[...]"
+            )
+    sums: dict[str, torch.Tensor] = {}
+    seen: dict[str, int] = {n: 0 for n in modules}
+
+    def hook_for(name: str, module: nn.Module):
+        def hook(mod, args, kwargs=None):
+            x = args[0] if args else next(iter((kwargs or {}).values()))
+            x = x.detach().float()
+            if isinstance(mod, nn.Conv2d):
+                mean = _conv2d_patches(mod, x if x.dim() == 4 else x.unsqueeze(0))
+            else:
+                mean = x.abs().reshape(-1, x.shape[-1]).mean(dim=0)
+            sums[name] = sums.get(name, 0) + mean
+            seen[name] += 1
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(n, m)) for n, m in modules.items()]
+    try:
+        with _scoring(model, eval_mode=False), torch.no_grad():
+            for x, _ in batches:
+                _forward(model, _buffer_copies(model), x)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for name, module in modules.items():
+        w = weights[name].detach()
+        if seen[name] == 0:
+            raise ConfigError(f"activity: {name} was never called on the batches, so its inputs are unknown; "
+                              "prune only layers the forward pass uses (exclude=[...] the others)")
+        mean = (sums[name] / seen[name]).to(w.device)
+        if isinstance(module, nn.Conv2d):
+            per_group = w.shape[0] // module.groups
+            mean = mean.reshape(module.groups, w.shape[1], *w.shape[2:]).repeat_interleave(per_group, dim=0)
+            out[name] = w.abs().float() * mean
+        else:
+            axis = layer_type(module).output_axis
+            out[name] = w.abs().float() * (mean[None, :] if axis == 0 else mean[:, None])
+    return out

@@ -11,5 +11,6 @@ from .magnitude import Magnitude, Random
 from .nm import NMSparsifier
 from .registry import METHODS
 from .supermask import Supermask
+from .synaptic import SynapticPruning
 
-__all__ = ["Sparsifier", "Magnitude", "Random", "GMP", "SET", "RigL", "GraNet", "CTRE", "GibbsPruning", "SNIP", "GraSP", "SynFlow", "RandomInit", "LotteryTicket", "criterion_masks", "half_rate_output_sparsity", "Supermask", "NMSparsifier", "METHODS"]
+__all__ = ["Sparsifier", "Magnitude", "Random", "GMP", "SET", "RigL", "GraNet", "CTRE", "GibbsPruning", "SNIP", "GraSP", "SynFlow", "RandomInit", "LotteryTicket", "criterion_masks", "half_rate_output_sparsity", "Supermask", "SynapticPruning", "NMSparsifier", "METHODS"]
