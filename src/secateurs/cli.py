@@ -204,6 +204,18 @@ def cmd_plasticity(args: argparse.Namespace) -> int:
     return _report_failures(result["failed"])
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from .experiments.search import format_search, load_search_config, run_search
+
+    config = load_search_config(args.config, _overrides(args, {"data_root": "data.root"}))
+    summary = run_search(config, args.runs_dir, executor=args.executor, threads=args.threads,
+                         progress=not args.no_progress)
+    print(f"\n{config.name}: best network within budget per strategy (mean ± std over {len(config.search_seeds)} search seeds)")
+    print(format_search(summary))
+    print(f"wrote {summary['dir']}/search.json, search.md, candidates.csv, pareto.png, surrogate.png")
+    return _report_failures(summary["failed"])
+
+
 def _report(run, print_table: bool) -> None:
     from .analysis.plots import plot_accuracy_vs_sparsity, plot_layer_sparsity
     from .analysis.report import format_table, to_csv
@@ -373,6 +385,17 @@ def build_parser() -> argparse.ArgumentParser:
     plast.add_argument("--no-progress", action="store_true", help="no progress bars")
     _executor_option(plast)
     plast.set_defaults(func=cmd_plasticity)
+
+    search = sub.add_parser("search", help="architecture search under a device budget: PNAS, DNAS with pruning, "
+                            "grow-and-prune, random search and zoo models, one Pareto front")
+    search.add_argument("--config", type=Path, required=True, help="search YAML (see configs/search_*.yaml)")
+    search.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key, e.g. budget.latency_ms=0.5 or search_seeds=[0]")
+    search.add_argument("--data-root", help="dataset directory / file (overrides data.root)")
+    search.add_argument("--runs-dir", default="runs", help="where run directories are created (default: runs)")
+    search.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _executor_option(search)
+    search.set_defaults(func=cmd_search)
 
     one = sub.add_parser("oneshot", help="prune a local Hugging Face causal LM with magnitude / Wanda / SparseGPT; perplexity before and after")
     one.add_argument("--model", required=True, help="local model directory (from_pretrained; never downloads)")
