@@ -13,6 +13,7 @@ from secateurs.experiments.indicators import load_indicators_config
 from secateurs.experiments.linearize import load_linearize_config
 from secateurs.experiments.lottery import load_lottery_config
 from secateurs.experiments.plasticity import load_plasticity
+from secateurs.experiments.search import load_search_config
 from secateurs.experiments.structured import load_structured_config
 from secateurs.methods import METHODS
 from secateurs.models import MODELS
@@ -21,7 +22,7 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 
 #: experiment kinds with their own config type, told apart by their own top-level section
-OWN_SECTION = {"growth": load_growth_config, "architectures": load_indicators_config,
+OWN_SECTION = {"strategies": load_search_config, "growth": load_growth_config, "architectures": load_indicators_config,
                "grow_prune": load_grow_prune_config, "snl": load_linearize_config}
 
 
