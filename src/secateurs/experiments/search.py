@@ -361,6 +361,8 @@ def run_search(config: SearchConfig, runs_dir: str | Path, *, executor="local", 
             for m in config.zoo:
                 add("zoo", s, study.candidate(s, model=m))
     summary = _summarize(config, rows, searches, study)
+    if "pnas" in config.strategies:
+        summary["indicator_ablation"] = _indicator_ablation(config, study, rows)
     return _write(config, runs_dir, summary)
 
 
@@ -400,6 +402,40 @@ def _held_out_correlation(config: SearchConfig, study: "_Study", seed: int, sear
         out.append({"level": level.level, "trained": replay.trained, "held_out": len(keep),
                     "spearman": rank_correlation(mean.numpy(), [truth[i] for i in keep])})
     return out
+
+
+def _indicator_ablation(config: SearchConfig, study: "_Study", rows: list[dict], folds: int = 5) -> dict | None:
+    """Do the TE-NAS indicators help the surrogate? Over every space candidate the study trained
+    (mean validation accuracy over the seeds that trained it), ``folds``-fold cross-validation
+    of PNAS's surrogate on the space features alone and with the two indicators appended:
+    Spearman's rho of the out-of-fold predictions. Both use the same folds and seeds."""
+    from ..search.pnas import IndicatorFeatures, Surrogate, rank_correlation
+
+    accs: dict[Architecture, list[float]] = {}
+    for r in rows:
+        if r.get("architecture"):
+            accs.setdefault(Architecture.from_dict(r["architecture"]), []).append(r["val_acc"])
+    archs = list(accs)
+    if len(archs) < 2 * folds:
+        return None
+    y = torch.tensor([statistics.fmean(accs[a]) for a in archs], dtype=torch.float64)
+    base = torch.stack([config.space.features(a) for a in archs])
+    images = study.probe_images(16)
+    extra = IndicatorFeatures(study.shape, images[:8], region_inputs=images, seed=derive_seed(config.seed, "search", "ablation"))
+    start = time.perf_counter()
+    with_indicators = torch.cat([base, torch.stack([extra(a) for a in archs])], dim=1)
+    seconds = time.perf_counter() - start
+    order = torch.randperm(len(archs), generator=torch.Generator().manual_seed(derive_seed(config.seed, "search", "folds")))
+    out = {}
+    for name, X in (("space features", base), ("space features + TE-NAS indicators", with_indicators)):
+        predicted = torch.zeros(len(archs), dtype=torch.float64)
+        for f in range(folds):
+            test = order[f::folds]
+            train = torch.tensor([i for i in order.tolist() if i not in set(test.tolist())])
+            surrogate = Surrogate(members=config.pnas.members, seed=derive_seed(config.seed, "search", "ablation", f))
+            predicted[test] = surrogate.fit(X[train], y[train]).predict(X[test])[0]
+        out[name] = rank_correlation(predicted.numpy(), y.numpy())
+    return {"candidates": len(archs), "folds": folds, "spearman": out, "indicator_seconds": seconds}
 
 
 def _random_candidates(config: SearchConfig, study: _Study, seed: int, n: int) -> list[Architecture]:
@@ -587,6 +623,12 @@ def format_search(summary: dict) -> str:
             held = [c["held_out"] for c in cells if c["held_out"] is not None]
             chosen = [c["proposed"] for c in cells if c["proposed"] is not None]
             lines.append(f"| {level} | {_fmt(_ms(held), 1, 2)} (n={len(held)}) | {_fmt(_ms(chosen), 1, 2)} (n={len(chosen)}) |")
+    ablation = summary.get("indicator_ablation")
+    if ablation:
+        lines += ["", f"Surrogate features, {ablation['folds']}-fold cross-validated Spearman rho over the "
+                  f"{ablation['candidates']} trained space candidates (TE-NAS indicators took "
+                  f"{ablation['indicator_seconds']:.1f} s for all):", "", "| features | rho |", "|---|---|"]
+        lines += [f"| {name} | {rho:.3f} |" for name, rho in ablation["spearman"].items()]
     if summary["failed"]:
         lines += ["", "Failed units: " + "; ".join(f"{f['unit']}: {f['error']}" for f in summary["failed"])]
     return "\n".join(lines) + "\n"
