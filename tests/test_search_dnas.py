@@ -219,7 +219,7 @@ def test_latency_weight_derives_a_cheaper_network():
                  block_threshold=0.0, layer_threshold=1.0)
         d = DNAS(s, SHAPE, macs_latency, seed=3)
         search_epochs(d, 3)
-        derived[weight] = (d.derive(), d.predicted_latency(), float(d.expected_latency()))
+        derived[weight] = (d.derive(), d.predicted_latency(), float(d.expected_latency().detach()))
     assert derived[50.0][1] < derived[0.0][1], derived
     assert derived[50.0][2] < derived[0.0][2], derived
 
