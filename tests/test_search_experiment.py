@@ -14,7 +14,7 @@ TINY = {
     "name": "tiny-search",
     "device": "cpu",
     "data": {"dataset": "digits", "batch_size": 64, "eval_batch_size": 512, "validation": 300},
-    "space": {"ops": ["conv3", "dwsep3"], "conv_widths": [4, 8], "fc_widths": [16], "max_conv": 2, "max_fc": 1},
+    "space": {"ops": ["conv3", "dwsep3"], "conv_widths": [4, 8], "fc_widths": [16, 32], "max_conv": 2, "max_fc": 1},
     "train": {"epochs": 1, "optimizer": {"name": "adam", "lr": 0.01}, "lr_schedule": {"name": "constant"}},
     "strategies": ["pnas", "random", "zoo"],
     "search_seeds": [0, 1],
@@ -118,3 +118,18 @@ def test_a_zoo_model_that_cannot_read_the_images_is_refused_up_front(tmp_path):
     config = _config(tmp_path, zoo=["lenet5"])  # two valid 5x5 convs and two pools: not on 8x8 digits
     with pytest.raises(ConfigError, match="lenet5 needs image_size >= 16"):
         run_search(config, tmp_path / "runs", progress=False, echo=lambda m: None)
+
+
+def test_dnas_and_grow_prune_results_are_retrained_as_candidates(tmp_path):
+    config = _config(tmp_path, search_seeds=[0], strategies=["dnas", "grow_prune"],
+                     dnas={"latency": "macs", "subset": 400,
+                           "search": {"stages": [1, 1], "epochs": 2, "prune_warmup_epochs": 1}},
+                     grow_prune={"start": [8], "cycles": 2})
+    summary = run_search(config, tmp_path / "runs", progress=False, echo=lambda m: None)
+    assert not summary["failed"]
+    for strategy in ("dnas", "grow_prune"):
+        derived = summary["searches"][strategy][0]["architecture"]
+        [row] = [r for r in summary["candidates"] if r["strategy"] == strategy]
+        assert row["label"] == derived  # the search's network, trained from scratch like any candidate
+        assert summary["searches"][strategy][0]["cpu_seconds"] > 0
+    assert summary["searches"]["grow_prune"][0]["architecture"].startswith("fc-")

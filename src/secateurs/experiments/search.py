@@ -455,12 +455,21 @@ def _random_candidates(config: SearchConfig, study: _Study, seed: int, n: int) -
 
 
 def _dnas_config(config: SearchConfig, seed: int, runs_dir: Path):
+    """The DNAS unit of one search seed: its supernet offers the space's ops and widths, and a
+    latency budget becomes its latency target (seconds), unless ``dnas.search`` sets them."""
     from ..typed_config import from_dict
     from .dnas import DNASUnitConfig
 
-    return from_dict(DNASUnitConfig, {**config.dnas, "name": f"{config.name}-dnas", "seed": seed,
-                                      "device": config.device, "data": dataclasses.asdict(config.data),
-                                      "latency_table": str(runs_dir / "latency-table.json")})
+    space, extra = config.space, dict(config.dnas)
+    search = {"ops": list(space.ops), "widths": list(space.conv_widths), "fc_widths": list(space.fc_widths),
+              "fc_layers": space.max_fc}
+    if config.budget.latency_ms is not None:
+        search["latency_target"] = config.budget.latency_ms / 1e3
+    search.update(extra.pop("search", {}) or {})
+    if extra.get("latency", "table") == "table":  # the study's table, shared by every unit
+        extra["latency_table"] = str(runs_dir / "latency-table.json")
+    return from_dict(DNASUnitConfig, {**extra, "search": search, "name": f"{config.name}-dnas", "seed": seed,
+                                      "device": config.device, "data": dataclasses.asdict(config.data)})
 
 
 def _grow_prune_config(config: SearchConfig, seed: int):
