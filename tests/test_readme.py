@@ -201,6 +201,13 @@ test_ids = torch.randint(0, 128, (512,))
 }
 
 CHECKS = {
+    "search": """
+import torch
+assert search.done and search.trained >= 4
+assert all(fits(a) for a in search.observed)  # nothing over the budget was proposed
+assert len(best) == max(len(a) for a in search.observed)  # the fake accuracy rewards length
+assert build(best, shape)(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+""",
     "magnitude": """
 assert sparsifier.stats()["sparsity"] == 0.9
 for name, p in model.named_parameters():

@@ -225,8 +225,9 @@ def test_a_space_that_cannot_grow_stops():
     space = SearchSpace(ops=("conv3",), conv_widths=(8,), max_conv=0, max_fc=1)
     search = run(PNAS(space, SHAPE, k=2, seed=0))
     assert len(search.history) == 1 and search.stopped.startswith("reached 1 blocks")
+    search.observe({})  # the plain loop's last round: nothing proposed, nothing observed
     with pytest.raises(ConfigError, match="the search is done"):
-        search.observe({})
+        search.observe({search.best()[0][0]: 0.5})
 
 
 def test_extra_features_are_appended_and_checked():
@@ -324,3 +325,16 @@ def test_pnas_imports_only_the_library_layer():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"search.pnas imported {out}"
+
+
+def test_the_plain_loop_ends_cleanly_and_observing_after_the_end_is_refused():
+    from secateurs.search.space import InputShape as _Shape, SearchSpace as _Space
+
+    space = _Space(ops=("conv3",), conv_widths=(8,), fc_widths=(16,), max_conv=1, max_fc=1)
+    search = PNAS(space, _Shape(1, 8, 3), k=2, seed=0)
+    while not search.done:  # the README's loop: the last propose() is empty and ends the search
+        candidates = search.propose()
+        search.observe({a: 0.1 * len(a) for a in candidates})
+    assert search.trained == 3 + 2 and search.stopped  # 3 roots (conv3-8, conv3-8p, fc-16), then 2 children
+    with pytest.raises(ConfigError, match="nothing to observe"):
+        search.observe({search.best()[0][0]: 0.5})

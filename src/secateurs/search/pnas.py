@@ -525,6 +525,8 @@ class PNAS:
                               f"{describe(results)}")
         proposed = self.propose()
         if self.done:
+            if not results:  # the loop's last round: propose() found nothing and ended the search
+                return
             raise ConfigError(f"the search is done ({self.stopped}); there is nothing to observe")
         missing = [a.label for a in proposed if a not in results]
         extra = [a.label if isinstance(a, Architecture) else repr(a) for a in results if a not in set(proposed)]
