@@ -6,7 +6,8 @@ LIBRARY = [
     "secateurs", "secateurs.masks", "secateurs.scores", "secateurs.allocation", "secateurs.schedules",
     "secateurs.engine", "secateurs.regrowth", "secateurs.resets", "secateurs.methods", "secateurs.analysis.flops",
     "secateurs.granularity", "secateurs.criteria", "secateurs.analysis.mask_metrics", "secateurs.structured",
-    "secateurs.grow", "secateurs.linearize", "secateurs.analysis.indicators",
+    "secateurs.grow", "secateurs.linearize", "secateurs.analysis.indicators", "secateurs.streaks",
+    "secateurs.search", "secateurs.search.space", "secateurs.search.cost", "secateurs.search.pnas", "secateurs.search.dnas",
 ]
 FORBIDDEN = ["secateurs.data", "secateurs.models", "secateurs.train", "secateurs.experiments", "secateurs.cli",
              "tqdm", "matplotlib", "yaml"]
