@@ -157,3 +157,29 @@ def test_the_structured_experiment_runs_ispasp_on_a_conv_net(tmp_path):
     (level,) = results["levels"]
     assert results["importance"] == "ispasp" and abs(level["flops_removed"] - 0.5) < 0.05
     assert level["macs"] < results["dense"]["macs"]
+
+
+def test_consumers_are_read_by_layer_role_not_class():
+    # (input feature axis, input features, weight axis indexing them), from the layer registry:
+    # transformers' Conv1D stores its weight [in, out], so its inputs index weight axis 0
+    from transformers.pytorch_utils import Conv1D
+
+    from secateurs.structured.ispasp import _layout
+
+    assert _layout(nn.Linear(12, 6)) == (-1, 12, 1)
+    assert _layout(Conv1D(6, 12)) == (-1, 12, 0)
+    assert _layout(nn.Conv2d(12, 6, 3)) == (1, 12, 1)
+    with pytest.raises(ConfigError, match="groups=3"):
+        _layout(nn.Conv2d(12, 6, 3, groups=3), "dw")
+
+
+def test_an_unregistered_consumer_is_refused_with_the_fix():
+    from secateurs.structured.ispasp import _layout
+
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(4))
+
+    with pytest.raises(ConfigError, match="register it with secateurs.layers.register_layer"):
+        _layout(Scale(), "scale")

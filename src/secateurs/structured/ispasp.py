@@ -58,6 +58,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
+from ..layers import layer_type, registered_layers
 from ..outputs import batch_pass, call_model, split_batch
 from ..validate import check_int
 from .graph import DependencyGraph, Group
@@ -65,7 +66,6 @@ from .importance import Scores, SelectionImportance
 
 __all__ = ["ISpaSP", "ISpaSPSelection", "ispasp_select", "NO_DATA_MESSAGE"]
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NO_DATA_MESSAGE = (
     "i-SpaSP selects units by the residual of the pruned layer outputs on data, so it needs "
     "batches: pass importance=ISpaSP(batches) with batches an iterable of (inputs, targets), e.g. "
@@ -103,20 +103,39 @@ def _consumers(model: nn.Module, group: Group) -> list[tuple[nn.Module, list[lis
         if s.role != "in":
             continue
         m = model.get_submodule(s.module)
-        if not (isinstance(m, nn.Linear) or (isinstance(m, _CONVS) and m.groups == 1)):
-            raise ConfigError(
-                f"i-SpaSP measures the residual at the layers reading a group's channels, but "
-                f"{s.module!r} (a {type(m).__name__}) reads group {group.name!r}; only Linear and "
-                f"ungrouped Conv layers are supported: exclude {group.producers} or use importance='l1'"
-            )
+        _layout(m, s.module, group)
         found.append((m, [list(ix) for ix in s.indices]))
     if not found:
-        raise ConfigError(f"group {group.name!r} has no Linear or Conv layer reading it, so i-SpaSP has no residual to measure")
+        raise ConfigError(f"group {group.name!r} has no registered layer reading it, so i-SpaSP has no residual to measure")
     return found
 
 
+def _layout(m: nn.Module, name: str = "", group: Group | None = None) -> tuple[int, int, int]:
+    """How consumer ``m`` reads its input, by its registered layer type
+    (:func:`secateurs.layers.layer_type`), not its class: ``(axis of the input's features, number
+    of input features, axis of the weight indexing them)``. A 2-D weight (Linear, transformers'
+    Conv1D, a registered matrix layer) reads the input's last axis; a conv weight ``[out, in, *k]``
+    reads channels on axis 1 and must be ungrouped."""
+    kind = layer_type(m)
+    where = f"{name!r} (a {type(m).__name__})" + (f" reads group {group.name!r}" if group is not None else "")
+    if kind is None:
+        raise ConfigError(
+            f"i-SpaSP measures the residual at the layers reading a group's channels, but {where} and is not a "
+            f"registered layer type ({', '.join(registered_layers())}); register it with "
+            "secateurs.layers.register_layer, exclude the group's producers, or use importance='l1'")
+    w = getattr(m, kind.param)
+    if w.dim() == 2:
+        return -1, w.shape[1 - kind.output_axis], 1 - kind.output_axis
+    if kind.output_axis != 0 or getattr(m, "groups", 1) != 1:
+        raise ConfigError(
+            f"i-SpaSP needs a consumer whose weight is [out, in, ...] and reads every input channel, but {where} "
+            f"has output axis {kind.output_axis} and groups={getattr(m, 'groups', 1)}; exclude the group's "
+            "producers or use importance='l1'")
+    return 1, w.shape[1], 1
+
+
 def _feature_axis(m: nn.Module) -> int:
-    return -1 if isinstance(m, nn.Linear) else 1
+    return _layout(m)[0]
 
 
 def _unit_matrix(indices: list[list[int]], features: int, dtype) -> torch.Tensor:
@@ -136,7 +155,7 @@ class _Masks:
 
     def add(self, consumers, keep: torch.Tensor) -> None:
         for m, indices in consumers:
-            features = m.in_features if isinstance(m, nn.Linear) else m.in_channels
+            features = _layout(m)[1]
             gate = (_unit_matrix(indices, features, torch.float32) @ keep.float()).clamp(max=1.0)
             covered = _unit_matrix(indices, features, torch.float32).sum(1) > 0
             gate = torch.where(covered, gate, torch.ones_like(gate))
@@ -188,7 +207,9 @@ def _select_group(model, group: Group, inputs, keep: int, iterations: int, expan
         maps.append(unit_of)
         feat = x.movedim(_feature_axis(m), 0).reshape(x.shape[_feature_axis(m)], -1)
         x_sq = (feat.double() ** 2).sum(1) @ unit_of.double()
-        w = m.weight.detach().double().transpose(0, 1).reshape(x.shape[_feature_axis(m)], -1)
+        _, _, w_axis = _layout(m)
+        weight = getattr(m, layer_type(m).param).detach().double()
+        w = weight.movedim(w_axis, 0).reshape(x.shape[_feature_axis(m)], -1)
         w_sq = (w**2).sum(1) @ unit_of.double()
         size_sq += (x_sq * w_sq).cpu()
     sizes = size_sq.sqrt()
