@@ -88,3 +88,19 @@ def test_experiment_scores_each_output_treatment(tmp_path):
     out = list(dense)[-1]
     assert dense[out] == 1.0 and 0.1 < half[out] < 1.0
     assert "| output layer |" in (tmp_path / "out" / "lottery.md").read_text()
+
+
+def test_output_treatment_is_refused_when_the_last_masked_layer_is_not_the_output(tmp_path):
+    # the classifier excluded from masking: the last masked layer is a hidden one (100 outputs),
+    # which half_rate / dense must never pin as "the output layer"
+    from secateurs.experiments.lottery import run_lottery_seeds
+
+    config = load_lottery_config(None, {
+        "name": "sm", "data": {"dataset": "digits", "batch_size": 64, "validation": 200},
+        "model": {"name": "lenet300_100"}, "train": {"epochs": 1, "optimizer": {"name": "adam", "lr": 2e-3}},
+        "lottery": {"rounds": 0, "exclude": ["net.5.weight"],
+                    "supermask": {"sparsities": [0.9], "inits": ["original"], "outputs": ["same", "dense"]}}})
+    summary = run_lottery_seeds(config, [0], tmp_path / "runs", tmp_path / "out", progress=False, echo=lambda s: None)
+    [failed] = summary["failed"]  # the runner reports the seed's error by its unit; nothing is scored
+    assert "net.3.weight has 100 outputs, not the 10 classes" in failed["error"]
+    assert not summary["supermask"]
