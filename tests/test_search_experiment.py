@@ -55,6 +55,7 @@ def test_search_runs_every_strategy_shares_candidates_and_resumes(tmp_path):
         random = [r for r in summary["candidates"] if r["strategy"] == "random" and r["search_seed"] == seed]
         assert len(pnas) == summary["searches"]["pnas"][seed]["trained"] == len(random)  # equal cost
         assert len(pnas) == 3 + 2 + 2  # level 1: first_level=3; levels 2 and 3 (2 conv + 1 fc blocks): k=2 each
+    assert summary["latency_prediction"]["networks"] == len([r for r in summary["candidates"] if r["architecture"]])
     ablation = summary["indicator_ablation"]  # with and without TE-NAS features, same folds
     assert len(ablation["spearman"]) == 2 and ablation["candidates"] >= 10
     out = Path(summary["dir"])

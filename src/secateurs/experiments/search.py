@@ -551,10 +551,15 @@ def _summarize(config: SearchConfig, rows: list[dict], searches: dict, study: _S
             "best_labels": [p["best"]["label"] if p["best"] else None for p in cells],
         })
     correlation = _surrogate_correlation(searches.get("pnas", {}))
+    errors = sorted(abs(r["predicted_latency_ms"] / r["latency_ms"] - 1) for r in rows
+                    if r.get("predicted_latency_ms") and r["latency_ms"])
+    prediction = errors and {"networks": len(errors), "median_abs_error": statistics.median(errors),
+                             "p90_abs_error": errors[min(len(errors) - 1, int(0.9 * len(errors)))],
+                             "max_abs_error": errors[-1]}
     return {"name": config.name, "complete": not study.failed, "budget": budget.to_dict(), "budget_text": str(budget),
             "shape": dataclasses.asdict(study.shape), "machine": study.table.machine, "reference_latency_ms": reference,
             "table": table, "per_seed": per, "candidates": rows, "searches": searches,
-            "surrogate_correlation": correlation, "failed": study.failed}
+            "surrogate_correlation": correlation, "latency_prediction": prediction or None, "failed": study.failed}
 
 
 def _within(budget: Budget, row: Mapping[str, Any]) -> bool:
@@ -632,6 +637,11 @@ def format_search(summary: dict) -> str:
             held = [c["held_out"] for c in cells if c["held_out"] is not None]
             chosen = [c["proposed"] for c in cells if c["proposed"] is not None]
             lines.append(f"| {level} | {_fmt(_ms(held), 1, 2)} (n={len(held)}) | {_fmt(_ms(chosen), 1, 2)} (n={len(chosen)}) |")
+    prediction = summary.get("latency_prediction")
+    if prediction:
+        lines += ["", f"Latency predicted from the table vs measured after training, {prediction['networks']} networks: "
+                  f"median error {100 * prediction['median_abs_error']:.1f}%, 90th percentile "
+                  f"{100 * prediction['p90_abs_error']:.1f}%, worst {100 * prediction['max_abs_error']:.1f}%."]
     ablation = summary.get("indicator_ablation")
     if ablation:
         lines += ["", f"Surrogate features, {ablation['folds']}-fold cross-validated Spearman rho over the "
