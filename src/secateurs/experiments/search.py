@@ -623,7 +623,7 @@ def format_search(summary: dict) -> str:
     ]
     for r in summary["table"]:
         lines.append(
-            f"| {r['strategy']} | {r['seeds']} | {r['trained']:g} | {_fmt(r['best_test_acc'], 100)} | "
+            f"| {r['strategy']} | {r['seeds']} | {r['trained']:.3g} | {_fmt(r['best_test_acc'], 100)} | "
             f"{_fmt(r['best_latency_ms'], 1, 3)} | {_fmt(r['hypervolume'], 1, 4)} | {_fmt(r['cpu_hours'], 1, 3)} | "
             f"{', '.join(label or '-' for label in r['best_labels'])} |"
         )
