@@ -493,6 +493,17 @@ def single_run(dataset, *overrides):
     return run
 
 
+def cmd_search(cli, command):
+    out = cli(command, *sets(
+        "data.validation=256", "search_seeds=[0]", "train.epochs=1", "latency_repeats=3",
+        "space.ops=[conv3, dwsep3]", "space.conv_widths=[4, 8]", "space.fc_widths=[16, 32]", "space.max_conv=2",
+        "pnas.first_level=2", "pnas.k=1", "pnas.members=2", "zoo=[lenet300_100]", "grow_prune.cycles=2",
+        "dnas={latency: macs, subset: 256, search: {stages: [1, 1], epochs: 2, prune_warmup_epochs: 1}}"),
+        "--data-root", cli.data("fashion-mnist"), "--runs-dir", str(cli.runs), *QUIET,
+        replace={"--executor processes:2": "--executor local"})
+    assert "| pnas |" in out and "| dnas |" in out and "| grow_prune |" in out and "wrote" in out
+
+
 TINY_LM_TEXT = "\n".join(f"line {i}: the quick brown fox jumps over the lazy dog {i % 7} times" for i in range(300)) + "\n"
 
 
@@ -566,6 +577,7 @@ COMMANDS = {
     "secateurs indicators --config configs/indicators_mnist.yaml": single_run(
         "mnist", "architectures=[{kind: mlp, hidden: [16]}, {kind: cnn, channels: [4]}, {kind: mlp, hidden: [8, 8]}]",
         "train_seeds=[0]", "indicators.repeats=1", "indicators.ntk_batch=16", "indicators.region_samples=64"),
+    "secateurs search --config configs/search_fashion.yaml --executor processes:2": cmd_search,
     "secateurs oneshot --model runs/oneshot-kjv/dense --text kjv --method wanda --sparsity 0.5": cmd_oneshot_kjv,
     "secateurs oneshot --model PATH --calib calib.txt --eval test.txt --method sparsegpt --nm 2:4": cmd_oneshot_files,
 }
