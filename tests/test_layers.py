@@ -7,7 +7,7 @@ LIBRARY = [
     "secateurs.engine", "secateurs.regrowth", "secateurs.resets", "secateurs.methods", "secateurs.analysis.flops",
     "secateurs.granularity", "secateurs.criteria", "secateurs.analysis.mask_metrics", "secateurs.structured",
     "secateurs.grow", "secateurs.linearize", "secateurs.analysis.indicators", "secateurs.streaks",
-    "secateurs.search", "secateurs.search.space", "secateurs.search.cost", "secateurs.search.pnas", "secateurs.search.dnas",
+    "secateurs.atomic", "secateurs.search", "secateurs.search.space", "secateurs.search.cost", "secateurs.search.pnas", "secateurs.search.dnas",
 ]
 FORBIDDEN = ["secateurs.data", "secateurs.models", "secateurs.train", "secateurs.experiments", "secateurs.cli",
              "tqdm", "matplotlib", "yaml"]

@@ -10,12 +10,12 @@ import contextlib
 import fcntl
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ..atomic import atomic_write_text as _atomic_write
 from ..errors import CheckpointError, ConfigError
 from .config import ExperimentConfig, HashedConfig, _diff
 
@@ -25,21 +25,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     collective: rank 0 writes, every rank returns once it has."""
     from .. import distributed
 
-    distributed.on_main(_atomic_write_text, path, text)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    distributed.on_main(_atomic_write, path, text)
 
 
 def check_runs_root(runs_root: str | Path) -> None:

@@ -48,7 +48,6 @@ import math
 import os
 import platform
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -57,6 +56,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 
+from ..atomic import atomic_write_text
 from ..errors import ConfigError
 from ..validate import check_bool, check_int, check_number, describe
 from .space import CONV_OPS, Architecture, Block, InputShape, SearchSpace, build, layer_shapes
@@ -346,22 +346,6 @@ def machine_fingerprint(*, batch: int = 1, threads: int = 1) -> dict:
     }
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, fsynced and
-    renamed over ``path``: a reader sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _shape_key(shape: tuple[int, ...]) -> str:
     return "x".join(str(int(s)) for s in shape)
 
@@ -558,7 +542,7 @@ class LatencyTable:
         data = {"format": _FORMAT, "version": _VERSION, "machine": self.machine,
                 "repeats": self.repeats, "warmup": self.warmup, "entries": dict(sorted(self.entries.items()))}
         try:
-            _atomic_write_text(self.path, json.dumps(data, indent=1) + "\n")
+            atomic_write_text(self.path, json.dumps(data, indent=1) + "\n")
         except OSError as err:
             raise ConfigError(
                 f"cannot write latency table {self.path} ({err.strerror or err}); pass a path in a writable "
