@@ -173,7 +173,7 @@ def test_pnas_finds_the_optimum_and_its_surrogate_learns_to_rank():
 
 
 def test_same_seed_same_proposals_and_replay_resumes():
-    settings = dict(k=5, seed=7, first_level=6, steps=150)
+    settings = dict(k=5, seed=7, first_level=6, surrogate={"steps": 150})
     first = run(PNAS(SPACE, SHAPE, **settings))
     second = run(PNAS(SPACE, SHAPE, **settings))
     assert [lv.proposed for lv in first.history] == [lv.proposed for lv in second.history]
@@ -202,7 +202,7 @@ def test_budget_filter_is_never_violated():
     def small(arch):  # at most 16 channels after the first block, and no fc-64
         return all(b.width <= 16 for b in arch.conv_blocks[1:]) and all(b.width < 64 for b in arch.fc_blocks)
 
-    search = run(PNAS(SPACE, SHAPE, k=6, seed=0, admits=small, steps=150))
+    search = run(PNAS(SPACE, SHAPE, k=6, seed=0, admits=small, surrogate={"steps": 150}))
     proposed = [a for lv in search.history for a in lv.proposed]
     assert proposed and all(small(a) for a in proposed)
     assert all(lv.rejected > 0 for lv in search.history)  # fc-64 is refused at every level
@@ -214,7 +214,7 @@ def test_budget_that_refuses_everything():
     with pytest.raises(ConfigError, match="admits refuses all 10 one-block candidates.*loosen the budget"):
         PNAS(SPACE, SHAPE, k=4, seed=0, admits=lambda arch: False).propose()
     # children all refused: the search ends early and says so
-    search = run(PNAS(SPACE, SHAPE, k=4, seed=0, admits=lambda arch: len(arch) <= 2, steps=50))
+    search = run(PNAS(SPACE, SHAPE, k=4, seed=0, admits=lambda arch: len(arch) <= 2, surrogate={"steps": 50}))
     assert search.done and len(search.history) == 2
     assert "level 3: admits refused all" in search.stopped and "ended early at level 2" in search.stopped
     with pytest.raises(ConfigError, match="must return True or False"):
@@ -234,7 +234,7 @@ def test_extra_features_are_appended_and_checked():
     def hint(arch):  # an oracle feature
         return torch.tensor([synthetic_accuracy(arch)])
 
-    search = PNAS(SPACE, SHAPE, k=4, seed=0, features=hint, levels=2, steps=100)
+    search = PNAS(SPACE, SHAPE, k=4, seed=0, features=hint, levels=2, surrogate={"steps": 100})
     arch = SPACE.roots(SHAPE)[0]
     assert search.features(arch).shape == (len(SPACE.feature_names()) + 1,)
     run(search)
@@ -274,7 +274,7 @@ def test_indicator_features_are_finite_and_deterministic():
     space = SearchSpace(ops=("conv3",), conv_widths=(8,), fc_widths=(16, 32), max_conv=1, max_fc=1)
     regions = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     with_indicators = IndicatorFeatures(SHAPE, inputs, region_inputs=regions, seed=0)
-    search = run(PNAS(space, SHAPE, k=3, seed=0, features=with_indicators, steps=50))
+    search = run(PNAS(space, SHAPE, k=3, seed=0, features=with_indicators, surrogate={"steps": 50}))
     assert [len(lv.proposed) for lv in search.history] == [4, 3]
     assert len(with_indicators._cache) == 4 + 4  # every root and every ranked child, each measured once
     assert search.features(search.history[1].proposed[0]).shape == (len(space.feature_names()) + 2,)
@@ -283,7 +283,9 @@ def test_indicator_features_are_finite_and_deterministic():
 @pytest.mark.parametrize("kwargs, match", [
     ({"k": 0}, "pnas k must be an integer >= 1"),
     ({"k": 2.0}, "pnas k must be an integer"),
-    ({"members": 0}, "surrogate members"),
+    ({"surrogate": {"members": 0}}, "surrogate members"),
+    ({"surrogate": {"member": 3}}, "pnas surrogate: .*members, hidden"),
+    ({"surrogate": {"seed": 3}}, "take no seed"),
     ({"first_level": 0}, "pnas first_level"),
     ({"levels": 5}, "pnas levels.*at most 4 blocks"),
     ({"admits": "small"}, "pnas admits must be a function"),

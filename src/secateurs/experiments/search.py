@@ -371,7 +371,7 @@ def _make_pnas(config: SearchConfig, study: _Study, seed: int):
 
     p = config.pnas
     kwargs = dict(k=p.k, seed=derive_seed(seed, "search", "pnas"), admits=study.admits, first_level=p.first_level,
-                  members=p.members)
+                  surrogate={"members": p.members})
     if p.indicators:
         from ..search.pnas import indicator_features
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -315,9 +315,10 @@ class PNAS:
     * ``first_level``: train only this many one-block candidates, a deterministic random
       subset (None: all of them, as the paper does);
     * ``levels``: the longest chain searched (None: the space's ``max_blocks``);
-    * ``members``, ``hidden``, ``steps``, ``lr``, ``weight_decay``, ``loss``, ``resample``:
-      the :class:`Surrogate`, refit from scratch on every measured accuracy at each level with
-      a seed derived from ``seed`` and the level.
+    * ``surrogate``: the :class:`Surrogate`'s settings (``members``, ``hidden``, ``steps``,
+      ``lr``, ``weight_decay``, ``loss``, ``resample``; its defaults where left out), refit from
+      scratch on every measured accuracy at each level with a seed derived from ``seed`` and
+      the level.
 
     :attr:`history` holds one :class:`Level` per proposal, with the surrogate's predictions made
     before the accuracies were seen, so the procedure can report the surrogate's rank
@@ -336,13 +337,7 @@ class PNAS:
         features: Callable[[Architecture], torch.Tensor] | None = None,
         first_level: int | None = None,
         levels: int | None = None,
-        members: int = 5,
-        hidden: Sequence[int] = (64, 64),
-        steps: int = 400,
-        lr: float = 0.01,
-        weight_decay: float = 1e-4,
-        loss: str = "l1",
-        resample: str = "folds",
+        surrogate: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(space, SearchSpace):
             raise ConfigError(f"space must be a SearchSpace, got {describe(space)}")
@@ -363,9 +358,17 @@ class PNAS:
                                      f"{space.max_blocks} blocks")
         if self.levels is None:
             self.levels = space.max_blocks
-        self._surrogate_settings = dict(members=members, hidden=hidden, steps=steps, lr=lr, weight_decay=weight_decay,
-                                        loss=loss, resample=resample)
-        Surrogate(**self._surrogate_settings, seed=0)  # validate the settings now, not at level 2
+        if surrogate is not None and not isinstance(surrogate, Mapping):
+            raise ConfigError(f"pnas surrogate must be a mapping of Surrogate settings (members, hidden, steps, lr, "
+                              f"weight_decay, loss, resample), got {describe(surrogate)}")
+        self._surrogate_settings = dict(surrogate or {})
+        if "seed" in self._surrogate_settings:
+            raise ConfigError("pnas surrogate settings take no seed: each refit's seed is derived from the search's seed")
+        try:
+            Surrogate(**self._surrogate_settings, seed=0)  # validate the settings now, not at level 2
+        except TypeError as e:
+            raise ConfigError(f"pnas surrogate: {e}; the settings are members, hidden, steps, lr, weight_decay, "
+                              "loss and resample") from None
         self.history: list[Level] = []
         self.stopped: str | None = None
         self._observed: dict[Architecture, float] = {}
