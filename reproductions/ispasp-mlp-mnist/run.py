@@ -27,9 +27,10 @@ KEEP = (0.3, 0.5, 0.7)
 NETS = {"mlp-784-1000-10": (1000,), "lenet-300-100": (300, 100)}
 
 
-def loaders():
-    d = load_dataset("mnist")
-    norm = lambda x: ((x.float() / 255.0) - 0.1307) / 0.3081  # noqa: E731
+def loaders(dataset="mnist"):
+    d = load_dataset(dataset)
+    mean, std = d.mean[0], d.std[0]  # MNIST: 0.1307 / 0.3081
+    norm = lambda x: ((x.float() / 255.0) - mean) / std  # noqa: E731
     return norm(d.train_images), d.train_labels, norm(d.test_images), d.test_labels
 
 
@@ -55,10 +56,11 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--nets", nargs="+", default=list(NETS), choices=list(NETS))
+    p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"])
     p.add_argument("--out", default=str(HERE / "results.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(2)
-    xtr, ytr, xte, yte = loaders()
+    xtr, ytr, xte, yte = loaders(args.dataset)
     probe = [(xtr[i:i + 128], ytr[i:i + 128]) for i in range(0, 1280, 128)]
     example = xtr[:2]
     rows, start = [], time.time()
