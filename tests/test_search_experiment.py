@@ -115,6 +115,12 @@ def test_bad_search_configs(tmp_path, changes, message):
         _config(tmp_path, **changes)
 
 
+def test_dnas_settings_the_study_owns_are_refused_not_replaced(tmp_path):
+    config = _config(tmp_path, strategies=["dnas"], dnas={"latency_table": "/elsewhere.json"})
+    with pytest.raises(ConfigError, match="dnas.latency_table is set by the search study"):
+        run_search(config, tmp_path / "runs", progress=False, echo=lambda m: None)
+
+
 def test_a_zoo_model_that_cannot_read_the_images_is_refused_up_front(tmp_path):
     config = _config(tmp_path, zoo=["lenet5"])  # two valid 5x5 convs and two pools: not on 8x8 digits
     with pytest.raises(ConfigError, match="lenet5 needs image_size >= 16"):

@@ -461,6 +461,10 @@ def _dnas_config(config: SearchConfig, seed: int, runs_dir: Path):
     from .dnas import DNASUnitConfig
 
     space, extra = config.space, dict(config.dnas)
+    owned = sorted(set(extra) & {"name", "seed", "device", "data", "latency_table"})
+    if owned:  # never silently replaced: the study sets these for every unit
+        raise ConfigError(f"dnas.{owned[0]} is set by the search study (from its name, search_seeds, device, data and "
+                          "<runs-dir>/latency-table.json); remove it from the dnas section")
     search = {"ops": list(space.ops), "widths": list(space.conv_widths), "fc_widths": list(space.fc_widths),
               "fc_layers": space.max_fc}
     if config.budget.latency_ms is not None:
